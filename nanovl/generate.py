@@ -1,0 +1,113 @@
+"""Command line: python -m nanovl.generate --image x.jpg [--prompt ...] [--model DIR_OR_HUB_ID] [--chat] ..."""
+import argparse
+import resource
+import sys
+
+import torch
+
+import nanovl
+from nanovl.errors import NanovlError
+from nanovl.generation import Stats
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanovl.generate", description="Chat with an InternVL checkpoint.")
+    p.add_argument("--model", default="OpenGVLab/InternVL3-1B", help="checkpoint directory or hub id")
+    p.add_argument("--image", nargs="+", default=[], help="one or more images")
+    p.add_argument("--video", help="a video file; --frames frames are sampled")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled from --video")
+    p.add_argument("--prompt", default=None, help="the question (default: describe the image/video)")
+    p.add_argument("--system", default=None, help="system message (default: the template's)")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn conversation")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tiles", type=int, default=None, help="tiles per image (default: config max_dynamic_patch)")
+    p.add_argument("--no-thumbnail", action="store_true", help="no global thumbnail tile")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--no-stream", action="store_true", help="print the answer at the end")
+    p.add_argument("--verbose", action="store_true", help="print tiles, tokens, timings and memory")
+    return p.parse_args(argv)
+
+
+def load_media(args, config):
+    """-> (pixel_values or None, num_patches_list, prompt prefix)."""
+    if args.video:
+        if args.image:
+            raise NanovlError("give --image or --video, not both")
+        pv, patches = nanovl.load_video(args.video, num_segments=args.frames)
+        return pv, patches, "".join(f"Frame{i + 1}: <image>\n" for i in range(len(patches)))
+    if not args.image:
+        return None, [], ""
+    max_tiles = args.max_tiles or (config.max_dynamic_patch if config.dynamic_image_size else 1)
+    if not 1 <= max_tiles <= 40:
+        raise NanovlError(f"--max-tiles must be between 1 and 40, got {max_tiles}")
+    images = [nanovl.load_image(path, max_num=max_tiles, input_size=config.image_size,
+                                use_thumbnail=config.use_thumbnail and not args.no_thumbnail) for path in args.image]
+    patches = [len(im) for im in images]
+    prefix = "<image>\n" if len(images) == 1 else "".join(f"Image-{i + 1}: <image>\n" for i in range(len(images)))
+    return torch.cat(images), patches, prefix
+
+
+def report(stats: Stats, pixel_values, patches, device):
+    ttft = stats.vision_s + stats.ttft_s
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    tiles = f"{sum(patches)} tiles {patches}" if pixel_values is not None else "no image"
+    print(f"[{tiles} | prompt {stats.prompt_tokens} tokens | vision {stats.vision_s:.2f}s | "
+          f"TTFT {ttft:.2f}s | prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.1f} tok/s | "
+          f"decode {stats.new_tokens} tokens at {stats.decode_tps():.1f} tok/s | peak memory {peak:.2f} GiB]",
+          file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    try:
+        model = nanovl.load(args.model, dtype=dtype, device=device)
+        pixel_values, patches, prefix = load_media(args, model.config)
+        if args.verbose:
+            print(f"[{args.model}: {model.config.llm_config.arch}, template {model.config.template}, "
+                  f"{dtype} on {device}]", file=sys.stderr)
+        default = "Describe this video." if args.video else "Describe this image." if args.image else "Hello!"
+        question = prefix + (args.prompt or ("" if args.chat else default))
+        sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, seed=args.seed, system_message=args.system)
+        history = None
+        while True:
+            if args.chat and not args.prompt:
+                try:
+                    line = input("> ").strip()
+                except EOFError:
+                    break
+                if not line:
+                    continue
+                question = (prefix + line) if history is None else line
+            stats = Stats()
+            pieces = model.stream(question, pixel_values, history, patches or None, stats=stats, **sampling)
+            answer = ""
+            for piece in pieces:
+                answer += piece
+                if not args.no_stream:
+                    print(piece, end="", flush=True)
+            print(answer.strip() if args.no_stream else "")
+            if args.verbose:
+                report(stats, pixel_values, patches, device)
+            if not args.chat:
+                break
+            history, args.prompt = (history or []) + [(question, answer.strip())], None
+    except (NanovlError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Image and video preprocessing, bit-exact with InternVL's PIL + torchvision path (vision-and-chat.md section 4)."""
+from functools import lru_cache
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from nanovl.errors import NanovlError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# -----------------------------------------------------------------------------
+# dynamic tiling (section 4.1)
+
+@lru_cache(maxsize=None)
+def target_ratios(min_num=1, max_num=12):
+    # built exactly like the reference: a set (CPython iteration order is deterministic for small int tuples),
+    # then a stable sort by area, so the order within one area matches the reference and the tie-break agrees
+    ratios = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                 if min_num <= i * j <= max_num)
+    return tuple(sorted(ratios, key=lambda x: x[0] * x[1]))
+
+def find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
+    best_diff, best = float("inf"), (1, 1)
+    for cols, rows in target_ratios:
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        # exact float tie: the later (larger-area) grid wins if the image has > half its pixels
+        elif diff == best_diff and width * height > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best  # (cols, rows)
+
+def closest_grid(width, height, min_num=1, max_num=12, image_size=448):
+    """(cols, rows) of the tile grid the reference picks for a width x height image."""
+    return find_closest_aspect_ratio(width / height, target_ratios(min_num, max_num), width, height, image_size)
+
+def dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=True):
+    cols, rows = closest_grid(*image.size, min_num, max_num, image_size)
+    resized = image.resize((image_size * cols, image_size * rows))  # PIL default filter = BICUBIC for RGB
+    tiles = [resized.crop(((k % cols) * image_size, (k // cols) * image_size,
+                           (k % cols + 1) * image_size, (k // cols + 1) * image_size))
+             for k in range(cols * rows)]  # row-major
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size)))  # thumbnail last
+    return tiles
+
+# -----------------------------------------------------------------------------
+# per-tile transform (section 4.2) and image loading
+
+def to_tensor(image, image_size=448):
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (image_size, image_size):  # T.Resize((448,448), BICUBIC); same-size is a copy in PIL
+        image = image.resize((image_size, image_size), Image.BICUBIC)
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)  # (3, H, W) ToTensor
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
+    return (x - mean) / std  # Normalize, float32
+
+def open_image(path):
+    path = Path(path)
+    if not path.is_file():
+        raise NanovlError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # UnidentifiedImageError, truncated file, decompression bomb, ...
+        raise NanovlError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+def load_image(image, max_num=12, input_size=448, use_thumbnail=True, min_num=1):
+    image = image.convert("RGB") if isinstance(image, Image.Image) else open_image(image)
+    tiles = dynamic_preprocess(image, min_num, max_num, input_size, use_thumbnail)
+    return torch.stack([to_tensor(t, input_size) for t in tiles])  # (tiles, 3, 448, 448)
+
+# -----------------------------------------------------------------------------
+# video (section 4.4)
+
+def get_index(bound, fps, max_frame, first_idx=0, num_segments=32):
+    if num_segments < 1:
+        raise NanovlError(f"num_segments must be >= 1, got {num_segments}")
+    start, end = (bound[0], bound[1]) if bound else (-100000, 100000)
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    seg = float(end_idx - start_idx) / num_segments
+    return [int(start_idx + seg / 2 + np.round(seg * k)) for k in range(num_segments)]  # np.round: half-to-even
+
+def _decode_frames(path, num_segments, bound):
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise NanovlError(f"no video stream in {path}")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            n = stream.frames  # len(vr): the container's frame count ...
+            if not n:  # ... else count the video packets and rewind
+                n = sum(p.size > 0 for p in container.demux(stream))
+                container.seek(0, stream=stream)
+            if n == 0:
+                raise NanovlError(f"video has no frames: {path}")
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            indices = get_index(bound, fps, n - 1, first_idx=0, num_segments=num_segments)
+            if not 0 <= min(indices) <= max(indices) < n:
+                raise NanovlError(f"bound {bound} selects frames outside the video's 0..{n - 1}")
+            wanted, last, frames = set(indices), max(indices), {}
+            for i, frame in enumerate(container.decode(stream)):  # decode order = presentation order, like decord
+                if i in wanted:
+                    frames[i] = frame.to_image()  # RGB PIL image; only the selected frames stay in memory
+                if i == last:
+                    break
+    except av.error.FFmpegError as e:
+        raise NanovlError(f"cannot read video {path}: {e}") from None
+    missing = [i for i in indices if i not in frames]
+    if missing:
+        raise NanovlError(f"video {path} ended before frame {missing[0]} ({n} frames declared)")
+    return [frames[i] for i in indices]
+
+def load_video(path, num_segments=8, max_num=1, bound=None, input_size=448):
+    if not Path(path).is_file():
+        raise NanovlError(f"video file not found: {path}")
+    pixel_values, num_patches_list = [], []
+    for frame in _decode_frames(path, num_segments, bound):
+        tiles = load_image(frame, max_num=max_num, input_size=input_size, use_thumbnail=True)
+        pixel_values.append(tiles)
+        num_patches_list.append(tiles.shape[0])
+    return torch.cat(pixel_values), num_patches_list  # (sum tiles, 3, 448, 448), tiles per frame

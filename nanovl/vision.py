@@ -1,0 +1,94 @@
+"""InternViT: the vision encoder (300M: LayerNorm + qkv bias; 6B: RMSNorm + qk-norm over the full width)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanovl.config import VisionConfig
+from nanovl.llm import RMSNorm
+
+
+def make_norm(cfg: VisionConfig, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, eps=cfg.layer_norm_eps) if cfg.norm_type == "layer_norm" else RMSNorm(dim, cfg.layer_norm_eps)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        C, p = cfg.hidden_size, cfg.patch_size
+        self.grid = cfg.image_size // p  # 32 patches per side at 448px
+        self.class_embedding = nn.Parameter(torch.empty(1, 1, C))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, C, kernel_size=p, stride=p)
+        self.position_embedding = nn.Parameter(torch.empty(1, 1 + self.grid ** 2, C))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, C, H, W)
+        N, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (N, H*W, C), row-major over (y, x)
+        cls = self.class_embedding.expand(N, 1, C).to(x.dtype)
+        pos_cls, pos = self.position_embedding[:, :1], self.position_embedding[:, 1:]
+        if (H, W) != (self.grid, self.grid):  # other resolutions: bicubic in fp32 (an identity at the native grid)
+            pos = pos.float().reshape(1, self.grid, self.grid, C).permute(0, 3, 1, 2)
+            pos = F.interpolate(pos, size=(H, W), mode="bicubic", align_corners=False)
+            pos = pos.reshape(1, C, H * W).permute(0, 2, 1).to(pos_cls.dtype)
+        return torch.cat([cls, x], dim=1) + torch.cat([pos_cls, pos], dim=1).to(x.dtype)  # (N, 1+H*W, C)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.qkv = nn.Linear(C, 3 * C, bias=cfg.qkv_bias)  # rows: [q heads | k heads | v heads]
+        self.proj = nn.Linear(C, C)
+        self.qk_normalization = cfg.qk_normalization
+        if cfg.qk_normalization:  # 6B: RMSNorm over all heads jointly (width C), not per head
+            self.q_norm = RMSNorm(C, cfg.layer_norm_eps)
+            self.k_norm = RMSNorm(C, cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)  # 3 x (B, N, C)
+        if self.qk_normalization:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(B, N, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, no mask
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.norm1, self.norm2 = make_norm(cfg, C), make_norm(cfg, C)
+        self.attn, self.mlp = VisionAttention(cfg), VisionMLP(cfg)
+        self.ls1 = nn.Parameter(torch.empty(C))  # layer scale
+        self.ls2 = nn.Parameter(torch.empty(C))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x).to(x.dtype)) * self.ls1
+        return x + self.mlp(self.norm2(x).to(x.dtype)) * self.ls2
+
+
+class VisionModel(nn.Module):
+    def __init__(self, cfg: VisionConfig, select_layer: int = -1):
+        super().__init__()
+        # hidden_states = (embeddings, block 0, ..., block L-1): hidden_states[select_layer] needs the first n blocks only
+        n = cfg.num_hidden_layers + 1 + select_layer if select_layer < 0 else select_layer
+        self.embeddings = VisionEmbeddings(cfg)
+        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(VisionLayer(cfg) for _ in range(n))))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixel_values)  # (N, 1025, C)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return x  # (N, 1025, C): class token first; no final norm
