@@ -6,6 +6,7 @@ Module names in nanovl equal the original keys of a Qwen2-backbone checkpoint, s
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -58,9 +59,9 @@ def resolve(path) -> Path:
         return local
     try:
         from huggingface_hub import snapshot_download
-        print(f"downloading {path} into {local} ...")
+        print(f"downloading {path} into {local} ...", file=sys.stderr)
         snapshot_download(repo_id=str(path), local_dir=local,
-                          allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"])
+                          allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "examples/*"])
     except Exception as e:  # offline, unknown repo, auth: one clear line
         raise NanovlError(f"could not download {path} from the Hugging Face hub ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else 'no network?'}); download it where there is "
