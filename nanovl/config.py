@@ -23,6 +23,23 @@ def _pick(cls, d: dict):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def check_architecture(llm: dict) -> None:
+    """Refuse an unknown decoder before reading its fields (an MoE or SSM config may lack the ones nanovl needs)."""
+    arch = (llm.get("architectures") or [None])[0]
+    if arch not in ARCHITECTURES:
+        raise NanovlError(f"unsupported language model architecture {arch!r}; "
+                          f"nanovl supports {', '.join(ARCHITECTURES)}")
+
+
+def rope_fields(llm: dict) -> dict:
+    """transformers >= 5 writes rope_theta and rope_scaling as one `rope_parameters` dict: split it back."""
+    if not llm.get("rope_parameters"):
+        return llm
+    rope = dict(llm["rope_parameters"])
+    theta = rope.pop("rope_theta", llm.get("rope_theta", 10000.0))
+    return {**llm, "rope_theta": theta, "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope}
+
+
 @dataclass
 class VisionConfig:
     hidden_size: int = 1024
@@ -64,10 +81,7 @@ class LLMConfig:
     eos_token_id: int | list | None = None
 
     def __post_init__(self):
-        arch = self.architectures[0] if self.architectures else None
-        if arch not in ARCHITECTURES:
-            raise NanovlError(f"unsupported language model architecture {arch!r}; "
-                              f"nanovl supports {', '.join(ARCHITECTURES)}")
+        check_architecture({"architectures": self.architectures})
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
@@ -120,9 +134,10 @@ class InternVLConfig:
         if "llm_config" not in d or "vision_config" not in d:
             raise NanovlError("config.json has no llm_config/vision_config: not an InternVL checkpoint "
                               f"(architectures={d.get('architectures')}, model_type={d.get('model_type')!r})")
+        check_architecture(d["llm_config"])
         top = {k: v for k, v in d.items() if k not in ("vision_config", "llm_config")}
         cfg = _pick(cls, {**top, "vision_config": _pick(VisionConfig, d["vision_config"]),
-                          "llm_config": _pick(LLMConfig, d["llm_config"])})
+                          "llm_config": _pick(LLMConfig, rope_fields(d["llm_config"]))})
         cfg.extra = d
         return cfg
 

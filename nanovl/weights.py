@@ -81,7 +81,8 @@ def read_config(path: Path) -> tuple[InternVLConfig, str]:
     as_int = lambda x: x[0] if isinstance(x, list) else x  # noqa: E731
     v.update(qkv_bias=v.get("attention_bias", False), qk_normalization=v.get("use_qk_norm", False),
              image_size=as_int(v.get("image_size", 448)), patch_size=as_int(v.get("patch_size", 14)))
-    t.setdefault("architectures", [HF_TEXT_ARCHITECTURES.get(t.get("model_type"), t.get("model_type"))])
+    if not t.get("architectures"):  # transformers writes null (or nothing) for a sub-config
+        t["architectures"] = [HF_TEXT_ARCHITECTURES.get(t.get("model_type"), t.get("model_type"))]
     t.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
     cfg = dict(vision_config=v, llm_config=t, template="internvl2_5", ps_version="v2",
                select_layer=d.get("vision_feature_layer", -1), downsample_ratio=d.get("downsample_ratio", 0.5),
