@@ -1,5 +1,7 @@
 """Shared pytest plumbing for the parity tests: import paths, cached tiny checkpoints, a diff summary."""
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,3 +55,5 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "max abs differences (nanovl vs reference)")
         for name, d in fx.DIFFS.items():
             terminalreporter.write_line(f"{d:10.3e}  {name}")
+    if fx.DIFFS and os.environ.get("NANOVL_PARITY_REPORT"):  # scripts/readme.py puts these numbers in the README
+        Path(os.environ["NANOVL_PARITY_REPORT"]).write_text(json.dumps(fx.DIFFS, indent=1))
