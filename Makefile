@@ -19,7 +19,7 @@ run: setup  ## download $(MODEL) into weights/ (once) and describe $(IMAGE)
 	$(PY) -m nanovl.generate --model $(MODEL) --image $(IMAGE) $(ARGS)
 
 test: setup-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 table:  ## regenerate the supported-checkpoints table in README.md
 	$(PY) scripts/support_table.py --write README.md

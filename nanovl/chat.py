@@ -61,7 +61,8 @@ def detokenize(tokenizer, tokens):
     for t in tokens:
         ids.append(t)
         text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):  # a trailing U+FFFD is an unfinished character: wait for its next bytes
+        # a trailing U+FFFD is an unfinished character: wait for its next bytes; never yield an empty piece
+        if len(text) > len(emitted) and not text.endswith("\ufffd"):
             yield text[len(emitted):]
             emitted = text
     if len(text := tokenizer.decode(ids)) > len(emitted):
@@ -91,6 +92,7 @@ def _with_placeholder(question: str, pixel_values, history) -> str:
     return question
 
 
+@torch.inference_mode()
 def stream(model, question: str, pixel_values=None, history=None, num_patches_list=None, max_new_tokens=1024,
            system_message=None, stats=None, **sampling):
     """Yield the answer as text pieces. Follows the reference chat(): '<image>\\n' is prepended on the first turn
@@ -133,6 +135,9 @@ def batch_chat(model, questions, pixel_values=None, num_patches_list=None, max_n
     template = get_template(model.config.template)
     if pixel_values is not None and (num_patches_list is None or len(num_patches_list) != len(questions)):
         raise NanovlError("batch_chat with images needs num_patches_list with one entry per question")
+    if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
+        raise NanovlError(f"num_patches_list {list(num_patches_list)} does not add up to the "
+                          f"{pixel_values.shape[0]} tiles in pixel_values")
     system, prompts = _system(model, template, system_message), []
     for i, q in enumerate(questions):
         if pixel_values is not None and "<image>" not in q:

@@ -1,8 +1,6 @@
 """config.json of an InternVL checkpoint, read into dataclasses whose fields keep config.json's names."""
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from nanovl.errors import NanovlError
 
@@ -140,11 +138,3 @@ class InternVLConfig:
                           "llm_config": _pick(LLMConfig, rope_fields(d["llm_config"]))})
         cfg.extra = d
         return cfg
-
-    @classmethod
-    def from_json(cls, path) -> "InternVLConfig":
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise NanovlError(f"cannot read {path}: {e}") from None

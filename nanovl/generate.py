@@ -40,7 +40,7 @@ def load_media(args, config):
     if args.video:
         if args.image:
             raise NanovlError("give --image or --video, not both")
-        pv, patches = nanovl.load_video(args.video, num_segments=args.frames)
+        pv, patches = nanovl.load_video(args.video, num_segments=args.frames, input_size=config.image_size)
         return pv, patches, "".join(f"Frame{i + 1}: <image>\n" for i in range(len(patches)))
     if not args.image:
         return None, [], ""
@@ -55,6 +55,7 @@ def load_media(args, config):
 
 
 def report(stats: Stats, pixel_values, patches, device):
+    """The --verbose line of one turn, on stderr."""
     ttft = stats.vision_s + stats.ttft_s
     peak = (torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -63,6 +64,41 @@ def report(stats: Stats, pixel_values, patches, device):
           f"TTFT {ttft:.2f}s | prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.1f} tok/s | "
           f"decode {stats.new_tokens} tokens at {stats.decode_tps():.1f} tok/s | peak memory {peak:.2f} GiB]",
           file=sys.stderr)
+
+
+def answer(model, args, question, pixel_values, patches, history) -> str:
+    """One turn: stream the answer to stdout (or print it at the end), then the --verbose statistics."""
+    stats, text = Stats(), ""
+    for piece in model.stream(question, pixel_values, history, patches or None, stats=stats,
+                              max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, system_message=args.system):
+        text += piece
+        if not args.no_stream:
+            print(piece, end="", flush=True)
+    print(text.strip() if args.no_stream else "")
+    if args.verbose:
+        report(stats, pixel_values, patches, model.mlp1[1].weight.device)
+    return text.strip()
+
+
+def chat_loop(model, args, pixel_values, patches, prefix):
+    """--chat: read questions from the terminal; a bad turn prints its error and the conversation goes on."""
+    history, first = None, args.prompt
+    while True:
+        if first:
+            line, first = first, None
+        else:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                return
+        if not line:
+            continue
+        question = prefix + line if history is None else line
+        try:
+            history = (history or []) + [(question, answer(model, args, question, pixel_values, patches, history))]
+        except NanovlError as e:
+            print(f"error: {e}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -75,33 +111,10 @@ def main(argv=None):
         if args.verbose:
             print(f"[{args.model}: {model.config.llm_config.arch}, template {model.config.template}, "
                   f"{dtype} on {device}]", file=sys.stderr)
+        if args.chat:
+            return chat_loop(model, args, pixel_values, patches, prefix)
         default = "Describe this video." if args.video else "Describe this image." if args.image else "Hello!"
-        question = prefix + (args.prompt or ("" if args.chat else default))
-        sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k, seed=args.seed, system_message=args.system)
-        history = None
-        while True:
-            if args.chat and not args.prompt:
-                try:
-                    line = input("> ").strip()
-                except EOFError:
-                    break
-                if not line:
-                    continue
-                question = (prefix + line) if history is None else line
-            stats = Stats()
-            pieces = model.stream(question, pixel_values, history, patches or None, stats=stats, **sampling)
-            answer = ""
-            for piece in pieces:
-                answer += piece
-                if not args.no_stream:
-                    print(piece, end="", flush=True)
-            print(answer.strip() if args.no_stream else "")
-            if args.verbose:
-                report(stats, pixel_values, patches, device)
-            if not args.chat:
-                break
-            history, args.prompt = (history or []) + [(question, answer.strip())], None
+        answer(model, args, prefix + (args.prompt or default), pixel_values, patches, None)
     except (NanovlError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -22,7 +22,7 @@ def sample(logits: torch.Tensor, temperature=0.0, top_k=0, top_p=1.0, generator=
 
 class Stats:
     """Timings of one generate() call, for --verbose and benchmarks."""
-    vision_s = prefill_s = ttft_s = decode_s = 0.0  # decode_s: from the first new token to the last
+    vision_s = prefill_s = ttft_s = decode_s = 0.0  # ttft_s: after the vision encoder; decode_s: first to last token
     prompt_tokens = new_tokens = 0
 
     def decode_tps(self) -> float:
@@ -31,9 +31,11 @@ class Stats:
 
 @torch.inference_mode()
 def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, eos_token_id=None,
-             temperature=0.0, top_k=0, top_p=1.0, seed=None, vit_embeds=None, stats: Stats | None = None):
+             temperature=0.0, top_k=0, top_p=1.0, seed=None, vit_embeds=None, stats: Stats | None = None,
+             compile=False):
     """Yield one (B,) tensor of new token ids per step. Stops when every row has emitted a stop id
-    (eos_token_id: an id, a list of ids, or None for never) or after max_new_tokens."""
+    (eos_token_id: an id, a list of ids, or None for never) or after max_new_tokens.
+    compile: decode with torch.compile of the one-token step over the whole fixed-size cache (opt-in)."""
     stats = stats or Stats()
     B, T = input_ids.shape
     stop = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
@@ -42,21 +44,26 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     lm = model.language_model
 
     t0 = time.perf_counter()
-    if pixel_values is not None and vit_embeds is None:
+    if pixel_values is not None and vit_embeds is None:  # else the caller timed the vision encoder (chat.stream)
         vit_embeds = model.extract_feature(pixel_values)
+        stats.vision_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     x = model.embed(input_ids, vit_embeds=vit_embeds)
     positions = model.positions(input_ids, attention_mask)
+    cache_len = T + max_new_tokens
+    if compile:  # one compiled graph per cache length: round it up so that prompts share graphs
+        cache_len = -(-cache_len // 256) * 256
+        run = lm.__dict__.setdefault("compiled_run", torch.compile(lm.run, dynamic=False))
     key_mask = None
     if attention_mask is not None and not attention_mask.all():  # left padding: the pads stay masked while decoding
-        key_mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=input_ids.device)
+        key_mask = torch.ones(B, cache_len, dtype=torch.bool, device=input_ids.device)
         key_mask[:, :T] = attention_mask.bool()
-    cache = lm.new_cache(B, T + max_new_tokens)
+    cache = lm.new_cache(B, cache_len)
     logits = lm(inputs_embeds=x, positions=positions, cache=cache, start=0, key_mask=key_mask, last_only=True)
     next_pos = positions[:, -1:] + 1
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     t2 = time.perf_counter()
-    stats.vision_s, stats.prefill_s, stats.prompt_tokens, stats.new_tokens = t1 - t0, t2 - t1, B * T, 0
+    stats.prefill_s, stats.prompt_tokens, stats.new_tokens = t2 - t1, B * T, 0
 
     for i in range(max_new_tokens):
         token = sample(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
@@ -65,10 +72,13 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
             done |= torch.isin(token, stop)
         stats.new_tokens += 1
         if i == 0:
-            stats.ttft_s, t_first = time.perf_counter() - t0, time.perf_counter()
+            stats.ttft_s, t_first = time.perf_counter() - t1, time.perf_counter()
         stats.decode_s = time.perf_counter() - t_first
         yield token
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        logits = lm(input_ids=token[:, None], positions=next_pos, cache=cache, start=T + i, key_mask=key_mask)
+        if compile:
+            logits = lm.step(token[:, None], next_pos, cache, T + i, key_mask, run)
+        else:
+            logits = lm(input_ids=token[:, None], positions=next_pos, cache=cache, start=T + i, key_mask=key_mask)
         next_pos = next_pos + 1

@@ -73,7 +73,10 @@ def read_config(path: Path) -> tuple[InternVLConfig, str]:
     """config.json -> (config, format) where format is 'original' or 'hf'."""
     if not (path / "config.json").exists():
         raise NanovlError(f"{path} has no config.json: not a checkpoint directory")
-    d = json.loads((path / "config.json").read_text())
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NanovlError(f"cannot read {path / 'config.json'}: {e}") from None
     if d.get("model_type") != "internvl":
         return InternVLConfig.from_dict(d), "original"
     # transformers InternVLConfig -> the original InternVLChatConfig fields
