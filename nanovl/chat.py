@@ -85,6 +85,12 @@ def _system(model, template, system_message):
     return system_message or model.config.system_message or template.default_system
 
 
+def _check_tiles(num_patches_list, pixel_values):
+    tiles = 0 if pixel_values is None else pixel_values.shape[0]
+    if sum(num_patches_list) != tiles:
+        raise NanovlError(f"num_patches_list {list(num_patches_list)} does not add up to the {tiles} tiles in pixel_values")
+
+
 def _with_placeholder(question: str, pixel_values, history) -> str:
     """The reference prepends '<image>\\n' on the first turn when the question has no placeholder."""
     if pixel_values is not None and history is None and "<image>" not in question:
@@ -101,9 +107,7 @@ def stream(model, question: str, pixel_values=None, history=None, num_patches_li
     question = _with_placeholder(question, pixel_values, history)
     if num_patches_list is None:
         num_patches_list = [] if pixel_values is None else [pixel_values.shape[0]]
-    if sum(num_patches_list) != (0 if pixel_values is None else pixel_values.shape[0]):
-        raise NanovlError(f"num_patches_list {list(num_patches_list)} does not add up to the "
-                          f"{0 if pixel_values is None else pixel_values.shape[0]} tiles in pixel_values")
+    _check_tiles(num_patches_list, pixel_values)
     prompt = build_prompt(template, _system(model, template, system_message), history or [], question)
     ids, max_new_tokens = _encode(model, expand_images(prompt, num_patches_list, model.config.num_image_token),
                                   max_new_tokens)
@@ -112,7 +116,7 @@ def stream(model, question: str, pixel_values=None, history=None, num_patches_li
     vit_embeds = None if pixel_values is None else model.features(pixel_values)
     stats.vision_s = time.perf_counter() - t0
     stop = model.tokenizer.token_to_id(template.sep.strip())
-    input_ids = torch.tensor([ids], device=model.mlp1[1].weight.device)
+    input_ids = torch.tensor([ids], device=model.device)
     tokens = generation.generate(model, input_ids, None, None, max_new_tokens, stop, vit_embeds=vit_embeds,
                                  stats=stats, **sampling)
     yield from detokenize(model.tokenizer, (int(t) for t in tokens if int(t) != stop))
@@ -135,24 +139,21 @@ def batch_chat(model, questions, pixel_values=None, num_patches_list=None, max_n
     template = get_template(model.config.template)
     if pixel_values is not None and (num_patches_list is None or len(num_patches_list) != len(questions)):
         raise NanovlError("batch_chat with images needs num_patches_list with one entry per question")
-    if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
-        raise NanovlError(f"num_patches_list {list(num_patches_list)} does not add up to the "
-                          f"{pixel_values.shape[0]} tiles in pixel_values")
+    if pixel_values is not None:
+        _check_tiles(num_patches_list, pixel_values)
     system, prompts = _system(model, template, system_message), []
-    for i, q in enumerate(questions):
-        if pixel_values is not None and "<image>" not in q:
-            q = "<image>\n" + q
+    for i, q in enumerate(questions):  # each question gets its own image (num_patches_list[i] tiles)
+        prompt = build_prompt(template, system, [], _with_placeholder(q, pixel_values, None))
         images = [] if pixel_values is None else [num_patches_list[i]]
-        prompts.append(expand_images(build_prompt(template, system, [], q), images, model.config.num_image_token))
+        prompts.append(expand_images(prompt, images, model.config.num_image_token))
     encoded = [_encode(model, p, max_new_tokens) for p in prompts]
     T, max_new_tokens = max(len(ids) for ids, _ in encoded), min(n for _, n in encoded)
     stop = model.tokenizer.token_to_id(template.sep.strip())
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else stop
     input_ids = torch.tensor([[pad] * (T - len(ids)) + ids for ids, _ in encoded])
     attention_mask = torch.tensor([[0] * (T - len(ids)) + [1] * len(ids) for ids, _ in encoded])
-    device = model.mlp1[1].weight.device
-    out = model.generate(input_ids.to(device), pixel_values, attention_mask.to(device), max_new_tokens, stop,
-                         **sampling)
+    out = model.generate(input_ids.to(model.device), pixel_values, attention_mask.to(model.device), max_new_tokens,
+                         stop, **sampling)
     answers = []
     for row in out.tolist():
         row = row[:row.index(stop)] if stop in row else row

@@ -77,7 +77,7 @@ def answer(model, args, question, pixel_values, patches, history) -> str:
             print(piece, end="", flush=True)
     print(text.strip() if args.no_stream else "")
     if args.verbose:
-        report(stats, pixel_values, patches, model.mlp1[1].weight.device)
+        report(stats, pixel_values, patches, model.device)
     return text.strip()
 
 

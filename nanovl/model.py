@@ -52,6 +52,10 @@ class InternVL(nn.Module):
         self.rope_pos_id_version, self.rope_pos_id_stride = config.rope_pos_id_version, config.rope_pos_id_stride
         self._features = (None, None, None)  # (pixel_values, its version, vit_embeds): reused across chat turns
 
+    @property
+    def device(self) -> torch.device:
+        return self.mlp1[1].weight.device
+
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, 448, 448) tiles -> (N, 256, D) image tokens for the decoder."""
         x = self.vision_model(pixel_values.to(self.mlp1[1].weight))[:, 1:]  # drop the class token: (N, 1024, C)
