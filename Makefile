@@ -5,7 +5,7 @@ MODEL ?= OpenGVLab/InternVL3-1B
 IMAGE ?= weights/$(notdir $(MODEL))/examples/image1.jpg
 ARGS ?= --verbose
 
-.PHONY: setup setup-test run test bench bench-smoke table
+.PHONY: setup setup-test run test bench bench-smoke table readme
 
 setup:  ## runtime dependencies only (pin torch first: an unpinned torch may pull a CUDA build)
 	$(PY) -m pip install -q $(TORCH)
@@ -20,6 +20,16 @@ run: setup  ## download $(MODEL) into weights/ (once) and describe $(IMAGE)
 
 test: setup-test
 	$(PY) -m pytest
+
+bench: setup-test  ## nanovl vs transformers at the real sizes, with the machine's limits -> benchmarks/results.md (~25 min)
+	$(PY) benchmarks/bench.py
+
+bench-smoke: setup-test  ## the same script on a tiny checkpoint, seconds (CI runs it in tests/test_bench_smoke.py)
+	$(PY) benchmarks/bench.py --smoke --cache /tmp/nanovl-bench-smoke --out /tmp/nanovl-bench-smoke/results.md
+
+readme:  ## regenerate every README block that holds numbers (layout, parity, speed, supported checkpoints)
+	$(PY) scripts/readme.py
+	$(PY) scripts/support_table.py --write README.md
 
 table:  ## regenerate the supported-checkpoints table in README.md
 	$(PY) scripts/support_table.py --write README.md

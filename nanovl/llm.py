@@ -9,6 +9,55 @@ from nanovl.config import LLMConfig
 from nanovl.errors import NanovlError
 
 
+class Linear(nn.Linear):
+    """nn.Linear; a single row (B = T = 1, the decode step) on CPU goes through torch.mv, whose kernel streams a
+    bf16 weight much faster than the GEMM path F.linear takes (the limits in benchmarks/results.md)."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or x.shape[:-1].numel() != 1:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.mv(self.weight, x.reshape(-1))  # (out,)
+        return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
+
+
+def back_to_back(tensors):
+    """One view over tensors that lie back to back in one buffer (load() lays q/k/v and gate/up out so), else None."""
+    t0, offset = tensors[0], 0
+    for t in tensors:
+        if (t.dtype != t0.dtype or not t.is_contiguous() or t.data_ptr() != t0.data_ptr() + offset
+                or t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr()):
+            return None
+        offset += t.nbytes
+    return t0.as_strided((sum(len(t) for t in tensors), *t0.shape[1:]), t0.stride())
+
+
+def stacked(linears):
+    """(weight, bias) spanning the linears when their parameters lie back to back, else None. Cached on the first
+    linear, keyed by where the parameters live (so .to() or a new load_state_dict() invalidates it)."""
+    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
+    key = tuple(p.data_ptr() for p in params)
+    if linears[0].__dict__.get("stacked", (None,))[0] != key:
+        w, biases = back_to_back([lin.weight for lin in linears]), [lin.bias for lin in linears]
+        b = None if biases[0] is None else back_to_back(biases)
+        ok = w is not None and (b is not None or all(bias is None for bias in biases))
+        linears[0].__dict__["stacked"] = (key, (w, b) if ok else None)
+    return linears[0].__dict__["stacked"][1]
+
+
+def project(x, *linears):
+    """[linear(x) for linear in linears]. A decode row on CPU takes one GEMV for all of them when their weights lie
+    back to back (load() lays them out so): one pass over one buffer, fewer and longer kernel calls."""
+    decode_row = x.device.type == "cpu" and x.shape[:-1].numel() == 1
+    if decode_row and not torch.compiler.is_compiling() and all(type(lin) is Linear for lin in linears):
+        fused = stacked(linears)  # (not while compiling: data_ptr() would break the graph)
+        if fused is not None:
+            w, b = fused
+            y = torch.mv(w, x.reshape(-1))  # exactly Linear.forward's single-row path, on the stacked rows
+            y = y if b is None else y + b
+            return [t.view(*x.shape[:-1], -1) for t in y.split([lin.out_features for lin in linears])]
+    return [lin(x) for lin in linears]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -69,8 +118,13 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(self, layer: int, start: int, k, v):
-        """Write k/v (B, n_kv, T, hd) at positions start..start+T-1; return the cache up to there."""
+    def update(self, layer: int, start, k, v):
+        """Write k/v (B, n_kv, T, hd) at positions start..start+T-1; return the cache up to there.
+        start as a (T,) tensor of slots (the compiled decode step): return the whole cache, the mask hides the rest."""
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -81,19 +135,18 @@ class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig, layer: int):
         super().__init__()
         self.layer, self.n_head, self.n_kv, self.hd = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's hd features, before RoPE
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache, start):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = q.view(B, T, self.n_head, self.hd), k.view(B, T, self.n_kv, self.hd), v.view(B, T, self.n_kv, self.hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -108,12 +161,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # SwiGLU, in place: no new (T, I) buffers
 
 
 class Block(nn.Module):
@@ -148,15 +202,17 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg, self.rope = cfg, RoPE(cfg)
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            # _weight skips the random init (on the meta device it imports torch._dynamo: a second of load time)
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                      _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)),
             layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        w = self.lm_head.weight
-        return KVCache(self.cfg, batch, max_len, w.dtype if w.is_floating_point() else torch.bfloat16, w.device)
+        w = self.model.embed_tokens.weight  # never quantized: the activations' dtype
+        return KVCache(self.cfg, batch, max_len, w.dtype, w.device)
 
     def forward(self, input_ids=None, inputs_embeds=None, positions=None, cache=None, start=0, key_mask=None,
                 last_only=False):
@@ -165,12 +221,30 @@ class LanguageModel(nn.Module):
         B, T, _ = x.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        cos, sin = self.rope_cos_sin(positions, x.dtype)
+        return self.run(x, cos, sin, attention_mask(start, T, key_mask, x.device), cache, start, last_only)
+
+    def rope_cos_sin(self, positions, dtype):
+        """(B, T) positions -> cos, sin (B, 1, T, hd) in the dtype the rotation runs in (V2PE rotates in fp32)."""
         cos, sin = self.rope(positions)  # (B, T, hd) fp32
-        rope_dtype = torch.float32 if positions.is_floating_point() else x.dtype  # V2PE rotates in fp32
-        cos, sin = cos[:, None].to(rope_dtype), sin[:, None].to(rope_dtype)
-        mask = attention_mask(start, T, key_mask, x.device)
+        rope_dtype = torch.float32 if positions.is_floating_point() else dtype
+        return cos[:, None].to(rope_dtype), sin[:, None].to(rope_dtype)
+
+    def run(self, x, cos, sin, mask, cache, start, last_only=False):
+        """The blocks, the final norm and the head: x (B, T, D) -> logits. With fixed shapes (step()) it is what
+        generate(compile=True) compiles."""
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, start)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
+
+    def step(self, input_ids, positions, cache, slot: int, key_mask=None, run=None):
+        """One decode step against the whole static cache, so every shape is fixed: input_ids, positions (B, 1),
+        the token goes to cache slot `slot` -> logits (B, 1, vocab). run: self.run or a compiled copy of it."""
+        x = self.model.embed_tokens(input_ids)  # (B, 1, D)
+        cos, sin = self.rope_cos_sin(positions, x.dtype)
+        mask = (torch.arange(cache.max_len, device=x.device) <= slot)[None, None, None, :]  # (1, 1, 1, max_len)
+        if key_mask is not None:  # left padding stays masked
+            mask = mask & key_mask[:, None, None, :cache.max_len]
+        return (run or self.run)(x, cos, sin, mask, cache, torch.tensor([slot], device=x.device))
