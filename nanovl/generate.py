@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--no-thumbnail", action="store_true", help="no global thumbnail tile")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (opt-in)")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only language-model linears (opt-in; not the ViT)")
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end")
     p.add_argument("--verbose", action="store_true", help="print tiles, tokens, timings and memory")
     return p.parse_args(argv)
@@ -71,7 +73,7 @@ def answer(model, args, question, pixel_values, patches, history) -> str:
     stats, text = Stats(), ""
     for piece in model.stream(question, pixel_values, history, patches or None, stats=stats,
                               max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, system_message=args.system):
+                              top_k=args.top_k, seed=args.seed, system_message=args.system, compile=args.compile):
         text += piece
         if not args.no_stream:
             print(piece, end="", flush=True)
@@ -107,6 +109,9 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     try:
         model = nanovl.load(args.model, dtype=dtype, device=device)
+        if args.int8:
+            from nanovl.quantize import quantize_int8
+            quantize_int8(model.language_model)
         pixel_values, patches, prefix = load_media(args, model.config)
         if args.verbose:
             print(f"[{args.model}: {model.config.llm_config.arch}, template {model.config.template}, "

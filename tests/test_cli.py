@@ -184,3 +184,18 @@ def test_bad_input_exits_2_with_one_line(case, runs, dirs, capsys):
     assert "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("error: ") and BAD[case][1] in lines[0], lines[0]
     assert out == ""
+
+
+def test_int8_flag_runs_the_quantized_decoder(ckpt):
+    """--int8 swaps the decoder's linears for int8 weight-only ones (the ViT stays): the CLI answers with the
+    same tokens as quantize_int8() applied in-process."""
+    import nanovl
+    from nanovl.quantize import quantize_int8
+
+    path, _ = ckpt
+    r = cli("--model", path, "--image", IMG1, "--prompt", "Hi", "--max-tokens", "4", "--int8", "--no-stream")
+    assert r.returncode == 0, r.stderr
+    model = nanovl.load(path, dtype=torch.float32)
+    quantize_int8(model.language_model)
+    pv = nanovl.load_image(IMG1, max_num=model.config.max_dynamic_patch, input_size=S)
+    assert r.stdout == model.chat("<image>\nHi", pv, max_new_tokens=4) + "\n"
