@@ -535,7 +535,7 @@ def report(res: dict, args) -> str:
                  f"({ratio('prefill_tps'):.2f}x transformers' tokens/s)"),
                 (f"{name} {dtype}: load <= 0.5x transformers", ratio("load_s") <= 0.5, f"{ratio('load_s'):.2f}x",
                  "transformers memory-maps every weight; nanovl reads the decoder's weights into private memory, "
-                 "q/k/v and gate/up back to back (one GEMV each per token), which decodes faster than mapped file "
+                 "q/k/v and gate/up stacked in one matrix each (one GEMV each per token), which decodes faster than mapped file "
                  "pages" + ("; fp32 from a bf16 checkpoint converts every weight in both" if dtype == "fp32" else "")),
                 (f"{name} {dtype}: peak RSS <= 1.2x the weight bytes", rss <= 1.2, f"{rss:.2f}x",
                  f"the runtime alone (Python + torch before loading) is {med('nanovl', 'base_rss_bytes') / 1e9:.2f} GB "

@@ -20,44 +20,6 @@ class Linear(nn.Linear):
         return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
 
 
-def back_to_back(tensors):
-    """One view over tensors that lie back to back in one buffer (load() lays q/k/v and gate/up out so), else None."""
-    t0, offset = tensors[0], 0
-    for t in tensors:
-        if (t.dtype != t0.dtype or not t.is_contiguous() or t.data_ptr() != t0.data_ptr() + offset
-                or t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr()):
-            return None
-        offset += t.nbytes
-    return t0.as_strided((sum(len(t) for t in tensors), *t0.shape[1:]), t0.stride())
-
-
-def stacked(linears):
-    """(weight, bias) spanning the linears when their parameters lie back to back, else None. Cached on the first
-    linear, keyed by where the parameters live (so .to() or a new load_state_dict() invalidates it)."""
-    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
-    key = tuple(p.data_ptr() for p in params)
-    if linears[0].__dict__.get("stacked", (None,))[0] != key:
-        w, biases = back_to_back([lin.weight for lin in linears]), [lin.bias for lin in linears]
-        b = None if biases[0] is None else back_to_back(biases)
-        ok = w is not None and (b is not None or all(bias is None for bias in biases))
-        linears[0].__dict__["stacked"] = (key, (w, b) if ok else None)
-    return linears[0].__dict__["stacked"][1]
-
-
-def project(x, *linears):
-    """[linear(x) for linear in linears]. A decode row on CPU takes one GEMV for all of them when their weights lie
-    back to back (load() lays them out so): one pass over one buffer, fewer and longer kernel calls."""
-    decode_row = x.device.type == "cpu" and x.shape[:-1].numel() == 1
-    if decode_row and not torch.compiler.is_compiling() and all(type(lin) is Linear for lin in linears):
-        fused = stacked(linears)  # (not while compiling: data_ptr() would break the graph)
-        if fused is not None:
-            w, b = fused
-            y = torch.mv(w, x.reshape(-1))  # exactly Linear.forward's single-row path, on the stacked rows
-            y = y if b is None else y + b
-            return [t.view(*x.shape[:-1], -1) for t in y.split([lin.out_features for lin in linears])]
-    return [lin(x) for lin in linears]
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -135,9 +97,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig, layer: int):
         super().__init__()
         self.layer, self.n_head, self.n_kv, self.hd = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        # q, k and v stacked in one matrix (the checkpoint's q_proj/k_proj/v_proj, concatenated at load): one GEMV
+        self.qkv_proj = Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's hd features, before RoPE
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -145,7 +106,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, start):
         B, T, _ = x.shape
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = self.qkv_proj(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q, k, v = q.view(B, T, self.n_head, self.hd), k.view(B, T, self.n_kv, self.hd), v.view(B, T, self.n_kv, self.hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
@@ -161,13 +122,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # [gate; up], one GEMV
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # SwiGLU, in place: no new (T, I) buffers
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):

@@ -96,9 +96,10 @@ def read_config(path: Path) -> tuple[InternVLConfig, str]:
 STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool}
-# Decoder projections that read the same input: load() stores each group back to back in one buffer, so that a decode
-# step reads it with one GEMV (llm.project).
-DECODE_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+# The decoder keeps the projections that read the same input in one matrix (llm.py: one GEMV per decode step):
+# nanovl name -> the checkpoint names it stacks, in order.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 def safetensors_header(file: Path) -> dict:
@@ -191,13 +192,18 @@ def load_weights(model: torch.nn.Module, path: Path, fmt: str, dtype: torch.dtyp
     expected = {k: v.shape for k, v in model.state_dict().items()}
     n_vit = len(model.vision_model.encoder.layers)
     unused = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")  # blocks after select_layer are not built
-    slots = {}  # decoder q/k/v and gate/up: read straight into their slice of one buffer per layer and group
-    for group in DECODE_GROUPS:
-        for first in [k for k in expected if k.startswith("language_model.") and f".{group[0]}." in k]:
-            keys = [first.replace(group[0], name) for name in group]
-            rows = [expected[k][0] for k in keys]
-            buffer = torch.empty(sum(rows), *expected[first][1:], dtype=dtype, device=device)
-            slots.update(zip(keys, buffer.split(rows)))
+    llm, fused, slots = model.config.llm_config, {}, {}  # fused buffers; checkpoint name -> its rows of one
+    rows = {"q_proj": llm.num_attention_heads * llm.head_dim, "k_proj": llm.num_key_value_heads * llm.head_dim,
+            "v_proj": llm.num_key_value_heads * llm.head_dim, "gate_proj": llm.intermediate_size,
+            "up_proj": llm.intermediate_size}
+    for key in [k for k in expected if k.startswith("language_model.")]:
+        for name, parts in FUSED.items():
+            if f".{name}." in key:  # the checkpoint's tensors are read straight into their rows of the fused buffer
+                fused[key] = torch.empty(expected.pop(key), dtype=dtype, device=device)
+                slices = fused[key].split([rows[part.split(".")[-1]] for part in parts])
+                parts = [key.replace(name, part) for part in parts]
+                slots.update(zip(parts, slices))
+                expected.update((part, t.shape) for part, t in zip(parts, slices))
 
     def private(key):  # the decoder in private memory: measured to decode faster than from mapped file pages (CPU)
         name = rename(key, model.config, fmt)
@@ -226,6 +232,7 @@ def load_weights(model: torch.nn.Module, path: Path, fmt: str, dtype: torch.dtyp
         msg = "; ".join(f"{what} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
                         for what, items in problems if items)
         raise NanovlError(f"checkpoint {path} does not match its config.json: {msg}")
+    sd = {**{k: t for k, t in sd.items() if k not in slots}, **fused}
     model.load_state_dict(sd, strict=not tied, assign=True)
     if tied:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight

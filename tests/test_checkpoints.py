@@ -97,10 +97,20 @@ def test_parameter_count(c):
 
 
 def test_internvl2_1b_safetensors_file_is_the_published_size_to_the_byte():
-    """InternVL2-1B (Qwen2: nanovl's names are the checkpoint's names) written as the bf16 safetensors file
-    save_pretrained produces (tensors sorted by name, metadata {"format": "pt"}, header padded to 8 bytes) is exactly
-    the 1,876,395,376 bytes of the published model.safetensors: every tensor name and shape accounts for its bytes."""
-    sd = meta_model(ck.BY_NAME["InternVL2-1B"].config).state_dict()
+    """InternVL2-1B (Qwen2: nanovl's names are the checkpoint's names, but for the stacked q/k/v and gate/up) written
+    as the bf16 safetensors file save_pretrained produces (tensors sorted by name, metadata {"format": "pt"}, header
+    padded to 8 bytes) is exactly the 1,876,395,376 bytes of the published model.safetensors: every tensor name and
+    shape accounts for its bytes."""
+    model = meta_model(ck.BY_NAME["InternVL2-1B"].config)
+    lm = model.config.llm_config
+    split = {"qkv_proj": {"q_proj": lm.num_attention_heads * lm.head_dim, "k_proj": lm.num_key_value_heads * lm.head_dim,
+                          "v_proj": lm.num_key_value_heads * lm.head_dim},
+             "gate_up_proj": {"gate_proj": lm.intermediate_size, "up_proj": lm.intermediate_size}}
+    sd = {}
+    for name, t in model.state_dict().items():  # back to the checkpoint's separate tensors
+        stacked = next((k for k in split if f".{k}." in name), None)
+        for part, rows in (split[stacked].items() if stacked else [(None, None)]):
+            sd[name.replace(stacked, part) if stacked else name] = t if not stacked else t[:rows]
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in sorted(sd):
         end = offset + 2 * sd[name].numel()

@@ -98,7 +98,14 @@ def test_dynamic_ntk_past_max_position_embeddings():
                                       rope_scaling={"rope_type": "dynamic", "factor": f, "rope_theta": 10000.0},
                                       attn_implementation="eager")
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    sd = {k.replace("language_model.", ""): v for k, v in lm.state_dict().items()}
+    sd = {}
+    for k, v in lm.state_dict().items():  # nanovl stacks q/k/v and gate/up: split them for transformers
+        if ".qkv_proj." in k:
+            sd.update(zip([k.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")], v.split([32, 16, 16])))
+        elif ".gate_up_proj." in k:
+            sd.update(zip([k.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")], v.chunk(2)))
+        else:
+            sd[k] = v
     hf.load_state_dict(sd, strict=True)
     ids = torch.randint(0, 50, (1, L))
     with torch.no_grad():
