@@ -96,6 +96,11 @@ class LLMConfig:
         return self.attention_bias or self.bias
 
     @property
+    def qkv_sizes(self) -> list:
+        """Rows of q, k and v in the decoder's stacked qkv_proj (and in Phi-3's checkpoint qkv_proj)."""
+        return [self.num_attention_heads * self.head_dim] + [self.num_key_value_heads * self.head_dim] * 2
+
+    @property
     def qk_norm(self) -> bool:
         return ARCHITECTURES[self.arch]["qk_norm"]
 

@@ -98,7 +98,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv, self.hd = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # q, k and v stacked in one matrix (the checkpoint's q_proj/k_proj/v_proj, concatenated at load): one GEMV
-        self.qkv_proj = Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
+        self.qkv_sizes = cfg.qkv_sizes
+        self.qkv_proj = Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's hd features, before RoPE
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -106,7 +107,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, start):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q, k, v = q.view(B, T, self.n_head, self.hd), k.view(B, T, self.n_kv, self.hd), v.view(B, T, self.n_kv, self.hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)

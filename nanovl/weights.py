@@ -1,7 +1,8 @@
 """Load an InternVL checkpoint as published: original OpenGVLab layout or transformers "-hf", one or many safetensors.
 
-Module names in nanovl equal the original keys of a Qwen2-backbone checkpoint, so loading is a rename
-(InternLM2, Phi-3, -hf) plus a few splits of fused tensors, then `load_state_dict(strict, assign)`.
+Module names in nanovl equal the original keys of a Qwen2-backbone checkpoint, except that the decoder stacks
+q/k/v and gate/up (FUSED); loading is a rename (InternLM2, Phi-3, -hf) plus a few splits of fused tensors, each
+tensor read straight into its place, then `load_state_dict(strict, assign)`.
 """
 import json
 import os
@@ -171,8 +172,7 @@ def convert(tensors, cfg: InternVLConfig, fmt: str):
             for proj, w in zip("qkv", split_wqkv(t, llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim)):
                 yield f"{base}.self_attn.{proj}_proj.{kind}", w
         elif key.endswith(".self_attn.qkv_proj.weight"):  # Phi-3: a plain [q; k; v] concatenation
-            sizes = [llm.num_attention_heads * llm.head_dim] + [llm.num_key_value_heads * llm.head_dim] * 2
-            for proj, w in zip("qkv", t.split(sizes)):
+            for proj, w in zip("qkv", t.split(llm.qkv_sizes)):
                 yield key.replace(".qkv_proj.", f".{proj}_proj."), w
         elif key.endswith(".mlp.gate_up_proj.weight"):  # Phi-3: [gate; up]
             gate, up = t.chunk(2)
@@ -193,14 +193,12 @@ def load_weights(model: torch.nn.Module, path: Path, fmt: str, dtype: torch.dtyp
     n_vit = len(model.vision_model.encoder.layers)
     unused = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")  # blocks after select_layer are not built
     llm, fused, slots = model.config.llm_config, {}, {}  # fused buffers; checkpoint name -> its rows of one
-    rows = {"q_proj": llm.num_attention_heads * llm.head_dim, "k_proj": llm.num_key_value_heads * llm.head_dim,
-            "v_proj": llm.num_key_value_heads * llm.head_dim, "gate_proj": llm.intermediate_size,
-            "up_proj": llm.intermediate_size}
+    rows = {name: [llm.intermediate_size] * 2 if "gate_up" in name else llm.qkv_sizes for name in FUSED}
     for key in [k for k in expected if k.startswith("language_model.")]:
         for name, parts in FUSED.items():
             if f".{name}." in key:  # the checkpoint's tensors are read straight into their rows of the fused buffer
                 fused[key] = torch.empty(expected.pop(key), dtype=dtype, device=device)
-                slices = fused[key].split([rows[part.split(".")[-1]] for part in parts])
+                slices = fused[key].split(rows[name])
                 parts = [key.replace(name, part) for part in parts]
                 slots.update(zip(parts, slices))
                 expected.update((part, t.shape) for part, t in zip(parts, slices))
