@@ -1,62 +1,36 @@
-"""Conversation templates, <image> expansion and the chat()/stream()/batch_chat() API of the reference."""
-import time
-from dataclasses import dataclass
+"""The conversation API of the reference: chat(), stream() and batch_chat(), bound to InternVL as methods.
 
+chat/stream/batch_chat -> template.build_prompt + expand_images -> tokenizer -> generation.encode_images (the ViT)
+-> generation.generate (prefill + decode against a static KV cache) -> detokenize.
+"""
 import torch
 
 from nanovl import generation
 from nanovl.errors import NanovlError
-
-SYSTEM_INTERNVL = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
-SYSTEM_INTERNVL2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+from nanovl.template import build_prompt, expand_images, get_template
 
 
-@dataclass(frozen=True)
-class Template:
-    """The reference's SeparatorStyle.MPT: system + sep, then role + message + sep per turn, then the open role."""
-    system: str  # formatted with the system message
-    user: str
-    assistant: str
-    sep: str  # sep.strip() is also the stop token
-    default_system: str
+class History(list):
+    """A conversation: the reference's [(question, answer), ...] list, which also keeps the image features of its
+    pixel_values so that later turns do not run the vision encoder again. The features stay with the conversation
+    (never on the model): a new conversation, or new pixel_values, encodes afresh."""
 
+    def __init__(self, turns=(), vision=None):
+        super().__init__(turns)
+        self.vision = vision  # (pixel_values, its _version, vit_embeds) of the last encoded image(s)
 
-_CHATML = dict(system="<|im_start|>system\n{}", user="<|im_start|>user\n", assistant="<|im_start|>assistant\n")
-TEMPLATES = {
-    "Hermes-2": Template(**_CHATML, sep="<|im_end|>", default_system=SYSTEM_INTERNVL),
-    "internlm2-chat": Template(**_CHATML, sep="<|im_end|>", default_system=SYSTEM_INTERNVL),
-    "internvl2_5": Template(**_CHATML, sep="<|im_end|>\n", default_system=SYSTEM_INTERNVL2_5),
-    "phi3-chat": Template("<|system|>\n{}", "<|user|>\n", "<|assistant|>\n", "<|end|>", SYSTEM_INTERNVL),
-}
-
-
-def get_template(name: str) -> Template:
-    if name not in TEMPLATES:
-        raise NanovlError(f"unsupported chat template {name!r}; nanovl knows {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
-
-
-def build_prompt(template: Template, system: str, history, question: str) -> str:
-    """history: [(question, answer), ...] of earlier turns."""
-    t = template
-    prompt = t.system.format(system) + t.sep
-    for q, a in history:
-        prompt += t.user + q + t.sep + t.assistant + a + t.sep
-    return prompt + t.user + question + t.sep + t.assistant
-
-
-def expand_images(prompt: str, num_patches_list, num_image_token: int) -> str:
-    """Each <image>, left to right, becomes <img> + <IMG_CONTEXT> x (num_image_token * tiles) + </img>."""
-    n = prompt.count("<image>")
-    if n != len(num_patches_list):
-        raise NanovlError(f"the prompt has {n} <image> placeholder(s) but {len(num_patches_list)} image(s) were given")
-    for tiles in num_patches_list:
-        prompt = prompt.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (num_image_token * tiles) + "</img>", 1)
-    return prompt
+    def features(self, model, pixel_values, stats=None):
+        """vit_embeds of pixel_values: remembered from an earlier turn of this conversation, or encoded now."""
+        pv, version, vit = self.vision or (None, None, None)
+        if pv is not pixel_values or version != pixel_values._version:
+            vit = generation.encode_images(model, pixel_values, stats)
+            self.vision = (pixel_values, pixel_values._version, vit)
+        return vit
 
 
 def detokenize(tokenizer, tokens):
-    """Token ids -> text pieces, never splitting a UTF-8 character across pieces."""
+    """Token ids -> text pieces, never splitting a UTF-8 character across pieces. It decodes the whole answer again
+    at every token (quadratic, but cheap next to the decoder, and exactly what decode() of all ids gives)."""
     ids, emitted = [], ""
     for t in tokens:
         ids.append(t)
@@ -91,9 +65,9 @@ def _check_tiles(num_patches_list, pixel_values):
         raise NanovlError(f"num_patches_list {list(num_patches_list)} does not add up to the {tiles} tiles in pixel_values")
 
 
-def _with_placeholder(question: str, pixel_values, history) -> str:
+def with_placeholder(question: str, pixel_values, history) -> str:
     """The reference prepends '<image>\\n' on the first turn when the question has no placeholder."""
-    if pixel_values is not None and history is None and "<image>" not in question:
+    if pixel_values is not None and not history and "<image>" not in question:
         return "<image>\n" + question
     return question
 
@@ -102,33 +76,37 @@ def _with_placeholder(question: str, pixel_values, history) -> str:
 def stream(model, question: str, pixel_values=None, history=None, num_patches_list=None, max_new_tokens=1024,
            system_message=None, stats=None, **sampling):
     """Yield the answer as text pieces. Follows the reference chat(): '<image>\\n' is prepended on the first turn
-    when the question has no placeholder, and all tiles form one image unless num_patches_list splits them."""
+    when the question has no placeholder, and all tiles form one image unless num_patches_list splits them.
+    history: earlier turns; a History also keeps (and here reuses or fills) the image features."""
     template = get_template(model.config.template)
-    question = _with_placeholder(question, pixel_values, history)
-    if num_patches_list is None:
-        num_patches_list = [] if pixel_values is None else [pixel_values.shape[0]]
-    _check_tiles(num_patches_list, pixel_values)
+    question = with_placeholder(question, pixel_values, history)
+    tiles_per_image = num_patches_list  # the reference's keyword; tiles, not 14-pixel patches
+    if tiles_per_image is None:
+        tiles_per_image = [] if pixel_values is None else [pixel_values.shape[0]]
+    _check_tiles(tiles_per_image, pixel_values)
     prompt = build_prompt(template, _system(model, template, system_message), history or [], question)
-    ids, max_new_tokens = _encode(model, expand_images(prompt, num_patches_list, model.config.num_image_token),
+    ids, max_new_tokens = _encode(model, expand_images(prompt, tiles_per_image, model.config.num_image_token),
                                   max_new_tokens)
     stats = stats if stats is not None else generation.Stats()
-    t0 = time.perf_counter()
-    vit_embeds = None if pixel_values is None else model.features(pixel_values)
-    stats.vision_s = time.perf_counter() - t0
+    conversation = history if isinstance(history, History) else History()
+    vit_embeds = None if pixel_values is None else conversation.features(model, pixel_values, stats)
     stop = model.tokenizer.token_to_id(template.sep.strip())
     input_ids = torch.tensor([ids], device=model.device)
-    tokens = generation.generate(model, input_ids, None, None, max_new_tokens, stop, vit_embeds=vit_embeds,
-                                 stats=stats, **sampling)
+    tokens = generation.generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                 vit_embeds=vit_embeds, stats=stats, **sampling)
     yield from detokenize(model.tokenizer, (int(t) for t in tokens if int(t) != stop))
 
 
 def chat(model, question: str, pixel_values=None, history=None, return_history=False, num_patches_list=None,
          max_new_tokens=1024, system_message=None, **sampling):
-    """One answer (greedy unless temperature > 0); with return_history also the history including this turn."""
-    answer = "".join(stream(model, question, pixel_values, history, num_patches_list, max_new_tokens,
+    """One answer (greedy unless temperature > 0); with return_history also the History including this turn, which
+    remembers the image features for the next turn."""
+    conversation = history if isinstance(history, History) else History(history or [])
+    answer = "".join(stream(model, question, pixel_values, conversation, num_patches_list, max_new_tokens,
                             system_message, **sampling)).strip()
     if return_history:
-        return answer, list(history or []) + [(_with_placeholder(question, pixel_values, history), answer)]
+        turn = (with_placeholder(question, pixel_values, history), answer)
+        return answer, History(list(conversation) + [turn], conversation.vision)
     return answer
 
 
@@ -143,7 +121,7 @@ def batch_chat(model, questions, pixel_values=None, num_patches_list=None, max_n
         _check_tiles(num_patches_list, pixel_values)
     system, prompts = _system(model, template, system_message), []
     for i, q in enumerate(questions):  # each question gets its own image (num_patches_list[i] tiles)
-        prompt = build_prompt(template, system, [], _with_placeholder(q, pixel_values, None))
+        prompt = build_prompt(template, system, [], with_placeholder(q, pixel_values, None))
         images = [] if pixel_values is None else [num_patches_list[i]]
         prompts.append(expand_images(prompt, images, model.config.num_image_token))
     encoded = [_encode(model, p, max_new_tokens) for p in prompts]

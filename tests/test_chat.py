@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fixtures as fx
-from nanovl.chat import TEMPLATES, build_prompt, detokenize, expand_images
+from nanovl.chat import detokenize
+from nanovl.template import TEMPLATES, build_prompt, expand_images
 from nanovl.errors import NanovlError
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -55,9 +56,7 @@ def get_model(make_ckpt):
 
 @pytest.fixture
 def model(get_model):
-    m = get_model()
-    m._features = (None, None, None)  # no vision features left over from another test
-    return m
+    return get_model()
 
 
 class Spy:
@@ -311,9 +310,11 @@ def test_detokenize_never_splits_a_character(tmp_path, tok_name):
 # multi-turn vision-feature cache
 
 
-def test_vision_features_computed_once_per_conversation(model, monkeypatch, capsys):
+def test_vision_features_computed_once_per_conversation(model, monkeypatch):
     """3 turns about one 13-tile image: one extract_feature call instead of the reference's 3 (it re-encodes the
-    image every turn), the same answers, and the same logits as recomputed features. Seconds are printed."""
+    image every turn), the same answers, and the same logits as recomputed features. The features live in the
+    conversation's History, not on the model."""
+    from nanovl.chat import History
     from nanovl.generation import Stats
 
     pv = image("image1.jpg", max_num=12)
@@ -330,38 +331,54 @@ def test_vision_features_computed_once_per_conversation(model, monkeypatch, caps
     monkeypatch.setattr(model, "extract_feature", counted)
 
     def conversation(reencode):
-        history, answers, vision, t0 = None, [], [], time.perf_counter()
+        history, answers, vision = None, [], []
         for q in ("Describe the image.", "What colour is it?", "Anything else?"):
-            if reencode:
-                model._features = (None, None, None)  # what the reference does: encode the image again
             stats = Stats()
             a, history = model.chat(q, pv, history, return_history=True, max_new_tokens=4, stats=stats)
+            if reencode:  # the reference's history: a plain list of (question, answer), the image encoded again
+                history = list(history)
             answers.append(a)
             vision.append(stats.vision_s)
-        return answers, history, time.perf_counter() - t0, vision
+        return answers, history, vision
 
-    cached, history, t_cached, v_cached = conversation(reencode=False)
-    assert calls == [len(pv)]
-    assert v_cached[0] >= seconds[0]  # the vision encoder's time reaches the caller's stats (--verbose)
+    cached, history, v_cached = conversation(reencode=False)
+    assert calls == [len(pv)] and isinstance(history, History)
+    assert v_cached[0] >= seconds[0] and v_cached[1:] == [0.0, 0.0]  # only the first turn ran the ViT (--verbose)
     calls.clear()
-    again, _, t_reencode, v_reencode = conversation(reencode=True)
+    again, _, _ = conversation(reencode=True)
     assert calls == [len(pv)] * 3 and again == cached
 
     prompt = build_prompt(TEMPLATES["internvl2_5"], SYS_2_5, history[:2], history[2][0])
     ids = torch.tensor([model.tokenizer.encode(expand_images(prompt, [len(pv)], N_TOK))])
     with torch.no_grad():
-        fx.check_close(model(ids, vit_embeds=model.features(pv)), model(ids, pixel_values=pv),
+        fx.check_close(model(ids, vit_embeds=history.features(model, pv)), model(ids, pixel_values=pv),
                        "turn-3 logits: cached vision features vs recomputed", exact=True)
-    with capsys.disabled():
-        print(f"\n[vision cache, tiny ViT, 3 turns about {len(pv)} tiles: {t_cached:.3f}s with the cache (vision "
-              f"{sum(v_cached):.3f}s), {t_reencode:.3f}s re-encoding every turn (vision {sum(v_reencode):.3f}s)]")
 
     calls.clear()
-    model.features(pv)
+    conv = History()
+    conv.features(model, pv)
+    conv.features(model, pv)  # remembered
     pv.mul_(0.5)  # edited in place: the remembered features are stale
-    model.features(pv)
-    model.features(pv.clone())  # another tensor
-    assert calls == [len(pv)] * 2
+    conv.features(model, pv)
+    conv.features(model, pv.clone())  # another tensor
+    assert calls == [len(pv)] * 3
+    assert not any(isinstance(v, torch.Tensor) for v in vars(model).values())  # no tensor state on the module
+
+
+def test_no_stale_features_after_a_weight_update(model):
+    """The model keeps no feature cache: after a weight update the same pixel_values give new features (a new
+    conversation encodes afresh)."""
+    from nanovl.chat import History
+
+    pv = fx.random_pixel_values(1, size=model.config.image_size)
+    with torch.no_grad():
+        before = History().features(model, pv)
+        model.mlp1[3].bias += 1.0
+        try:
+            after = History().features(model, pv)
+        finally:
+            model.mlp1[3].bias -= 1.0
+    assert torch.allclose(after, before + 1.0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import checkpoints as ck
 import fixtures as fx
-from nanovl.chat import TEMPLATES, build_prompt, expand_images
+from nanovl.template import TEMPLATES, build_prompt, expand_images
 from nanovl.config import ARCHITECTURES, InternVLConfig
 from nanovl.errors import NanovlError
 from nanovl.model import InternVL
@@ -126,7 +126,8 @@ def summary(cfg: InternVLConfig) -> dict:
     lm = cfg.llm_config
     rope = lm.rope_scaling or {}
     return dict(
-        vision=dataclasses.asdict(cfg.vision_config),
+        vision={k: v for k, v in dataclasses.asdict(cfg.vision_config).items()
+                if k not in ("raw", "initializer_factor", "drop_path_rate")},  # training-only fields
         llm=dict(hidden=lm.hidden_size, layers=lm.num_hidden_layers, heads=lm.num_attention_heads,
                  kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, inter=lm.intermediate_size,
                  vocab=lm.vocab_size, eps=lm.rms_norm_eps, theta=float(lm.rope_theta),
@@ -302,7 +303,7 @@ def v1_2(tmp_path_factory):
 
 def test_v1_2_one_tile_is_the_single_resize(v1_2):
     """The CLI's media path: one tile, equal to §4.3's resize((448, 448)) (PIL bicubic), /255, ImageNet mean/std."""
-    from nanovl.generate import load_media, parse_args
+    from nanovl.cli import load_media, parse_args
 
     path, _, cfg, model = v1_2
     pixel_values, patches, prefix = load_media(parse_args(["--image", str(IMAGE)]), model.config)
@@ -332,7 +333,7 @@ def test_v1_2_logits_match_transformers_with_the_v1_grid(v1_2):
 
 
 def test_v1_2_cli_runs_with_one_tile(v1_2, capsys):
-    from nanovl.generate import main
+    from nanovl.cli import main
 
     path, _, _, model = v1_2
     assert model.tokenizer.token_to_id(TEMPLATES["Hermes-2"].sep.strip()) == 7  # Yi's <|im_end|>
