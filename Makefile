@@ -2,7 +2,7 @@
 PY ?= python3
 TORCH ?= torch==2.13.0
 MODEL ?= OpenGVLab/InternVL3-1B
-IMAGE ?= weights/$(notdir $(MODEL))/examples/image1.jpg
+IMAGE ?= weights/$(subst /,--,$(MODEL))/examples/image1.jpg
 ARGS ?= --verbose
 
 .PHONY: setup setup-test run test bench bench-smoke table readme

@@ -18,8 +18,14 @@ def load(path, dtype: torch.dtype = torch.float32, device="cpu") -> InternVL:
     with torch.device("meta"):
         model = InternVL(config)
     load_weights(model, path, fmt, dtype, device)
-    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model"))
-    if has_tokenizer:
+    if any((path / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         model.tokenizer = Tokenizer(path)
-        model.img_context_token_id = model.tokenizer.token_to_id("<IMG_CONTEXT>") or model.img_context_token_id
+    model.img_context_token_id = image_token_id(model)
     return model.eval()
+
+
+def image_token_id(model) -> int | None:
+    """The <IMG_CONTEXT> id the prompt's image slots use: the tokenizer's (the original code looks it up there),
+    else config.json's image_token_id (-hf checkpoints, which may ship without a tokenizer), else None."""
+    from_tokenizer = model.tokenizer.token_to_id("<IMG_CONTEXT>") if model.tokenizer is not None else None
+    return from_tokenizer if from_tokenizer is not None else model.config.image_token_id

@@ -1,5 +1,9 @@
 """config.json of an InternVL checkpoint, read into dataclasses whose fields keep config.json's names."""
+import copy
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 from nanovl.errors import NanovlError
@@ -15,15 +19,52 @@ ARCHITECTURES = {
 }
 
 
-def _pick(cls, d: dict):
-    """Build dataclass `cls` from the keys of `d` it knows; other keys are ignored."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+def _matches(value, annotation) -> bool:
+    """Does a JSON value fit a field's annotation (int, float, bool, str, list, dict, X | None)?"""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:  # JSON writes 1e6 as a float and 10000 as an int: both are numbers
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(annotation) or annotation)
+
+
+def _pick(cls, d: dict, where: str):
+    """Build dataclass `cls` from the keys of `d` it knows (other keys are ignored), each checked against its type;
+    the raw dict is kept in `.raw` so that saving writes back every key nanovl did not read."""
+    if not isinstance(d, dict):
+        raise NanovlError(f"config.json: {where} must be a JSON object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "raw" or f.name not in d:
+            continue
+        if not _matches(d[f.name], hints[f.name]):
+            raise NanovlError(f"config.json: {where}{f.name} is {d[f.name]!r}, which is not a valid "
+                              f"{getattr(hints[f.name], '__name__', hints[f.name])}")
+        kw[f.name] = d[f.name]
+    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in kw]
+    if missing:
+        raise NanovlError(f"config.json: {where or 'the top level'} lacks {', '.join(missing)}")
+    obj = cls(**kw)
+    obj.raw = copy.deepcopy(d)
+    return obj
+
+
+def _positive(obj, where: str, *names) -> None:
+    for n in names:
+        if getattr(obj, n) is not None and getattr(obj, n) <= 0:
+            raise NanovlError(f"config.json: {where}{n} must be positive, got {getattr(obj, n)}")
 
 
 def check_architecture(llm: dict) -> None:
     """Refuse an unknown decoder before reading its fields (an MoE or SSM config may lack the ones nanovl needs)."""
-    arch = (llm.get("architectures") or [None])[0]
+    archs = llm.get("architectures") if isinstance(llm, dict) else None
+    arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in ARCHITECTURES:
         raise NanovlError(f"unsupported language model architecture {arch!r}; "
                           f"nanovl supports {', '.join(ARCHITECTURES)}")
@@ -35,7 +76,8 @@ def rope_fields(llm: dict) -> dict:
         return llm
     rope = dict(llm["rope_parameters"])
     theta = rope.pop("rope_theta", llm.get("rope_theta", 10000.0))
-    return {**llm, "rope_theta": theta, "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope}
+    out = {k: v for k, v in llm.items() if k != "rope_parameters"}
+    return {**out, "rope_theta": theta, "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope}
 
 
 @dataclass
@@ -51,6 +93,9 @@ class VisionConfig:
     image_size: int = 448
     patch_size: int = 14
     num_channels: int = 3
+    drop_path_rate: float = 0.0  # stochastic depth, training only (linspace over the blocks)
+    initializer_factor: float = 0.1  # layer scale ls1/ls2 start at this value (the class default)
+    raw: dict = field(default_factory=dict, repr=False)
 
     @property
     def head_dim(self) -> int:
@@ -75,13 +120,14 @@ class LLMConfig:
     attention_bias: bool = False  # Llama / Qwen3 spelling
     bias: bool = False  # InternLM2 spelling
     tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_id: int | list | None = None
+    initializer_range: float = 0.02  # std of the normal init of linears and embeddings
+    pad_token_id: int | None = None  # the embedding row that gets no gradient (nn.Embedding padding_idx)
+    raw: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         check_architecture({"architectures": self.architectures})
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // max(self.num_attention_heads, 1)
 
     @property
     def arch(self) -> str:
@@ -122,7 +168,7 @@ class InternVLConfig:
     rope_pos_id_version: str = "default"  # V2PE: "default" | "v2pe_fix" | "v2pe_rnd"
     rope_pos_id_stride: int | None = None
     image_token_id: int | None = None  # "-hf" configs only; otherwise the tokenizer's <IMG_CONTEXT>
-    extra: dict = field(default_factory=dict, repr=False)  # the raw config.json
+    raw: dict = field(default_factory=dict, repr=False)  # config.json as read (saving writes it back, updated)
 
     @property
     def image_size(self) -> int:
@@ -134,12 +180,67 @@ class InternVLConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "InternVLConfig":
+        if not isinstance(d, dict):
+            raise NanovlError(f"config.json must be a JSON object, got {type(d).__name__}")
         if "llm_config" not in d or "vision_config" not in d:
             raise NanovlError("config.json has no llm_config/vision_config: not an InternVL checkpoint "
                               f"(architectures={d.get('architectures')}, model_type={d.get('model_type')!r})")
         check_architecture(d["llm_config"])
+        vision = _pick(VisionConfig, d["vision_config"], "vision_config.")
+        llm = _pick(LLMConfig, rope_fields(d["llm_config"]), "llm_config.")
         top = {k: v for k, v in d.items() if k not in ("vision_config", "llm_config")}
-        cfg = _pick(cls, {**top, "vision_config": _pick(VisionConfig, d["vision_config"]),
-                          "llm_config": _pick(LLMConfig, rope_fields(d["llm_config"]))})
-        cfg.extra = d
+        cfg = _pick(cls, {**top, "vision_config": vision, "llm_config": llm}, "")
+        cfg.raw = copy.deepcopy(d)
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """The ranges nanovl relies on: a wrong value here would otherwise fail deep inside the model."""
+        v, l = self.vision_config, self.llm_config
+        _positive(v, "vision_config.", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "image_size", "patch_size", "num_channels", "layer_norm_eps")
+        _positive(l, "llm_config.", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "vocab_size", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                  "max_position_embeddings")
+        _positive(self, "", "downsample_ratio", "max_dynamic_patch", "min_dynamic_patch", "force_image_size")
+        if v.hidden_size % v.num_attention_heads:
+            raise NanovlError(f"config.json: vision_config.hidden_size {v.hidden_size} is not a multiple of "
+                              f"num_attention_heads {v.num_attention_heads}")
+        if l.num_attention_heads % l.num_key_value_heads:
+            raise NanovlError(f"config.json: llm_config.num_attention_heads {l.num_attention_heads} is not a multiple "
+                              f"of num_key_value_heads {l.num_key_value_heads}")
+        if v.norm_type not in ("rms_norm", "layer_norm"):
+            raise NanovlError(f"config.json: vision_config.norm_type must be rms_norm or layer_norm, got {v.norm_type!r}")
+        if self.ps_version not in ("v1", "v2"):
+            raise NanovlError(f"config.json: ps_version must be v1 or v2, got {self.ps_version!r}")
+        if self.rope_pos_id_version not in ("default", "v2pe_fix", "v2pe_rnd"):
+            raise NanovlError(f"config.json: rope_pos_id_version {self.rope_pos_id_version!r} is not one of "
+                              "default, v2pe_fix, v2pe_rnd")
+        grid, scale = self.image_size // v.patch_size, 1 / self.downsample_ratio
+        if scale != int(scale) or grid % int(scale):
+            raise NanovlError(f"config.json: downsample_ratio {self.downsample_ratio} does not divide the "
+                              f"{grid}x{grid} patch grid")
+        if not -v.num_hidden_layers - 1 <= self.select_layer <= v.num_hidden_layers:
+            raise NanovlError(f"config.json: select_layer {self.select_layer} is outside the ViT's "
+                              f"{v.num_hidden_layers} layers")
+
+    def to_dict(self) -> dict:
+        """config.json in the original InternVLChatConfig schema: the file this config was read from (or, for a
+        -hf checkpoint, its translation), with every field nanovl changed since written back."""
+        def merged(obj, fresh):  # raw keys, updated where the field was read from it or has changed since
+            out = copy.deepcopy(obj.raw)
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                if f.name != "raw" and (f.name in obj.raw or value != getattr(fresh, f.name)) \
+                        and not dataclasses.is_dataclass(value):
+                    out[f.name] = copy.deepcopy(value)
+            return out
+        fresh = InternVLConfig.from_dict(self.raw) if self.raw else None
+        if fresh is None:  # built in code, not read from a file: every field
+            fresh = InternVLConfig(VisionConfig(), LLMConfig(["Qwen2ForCausalLM"], 0, 0, 1, 0, 0))
+        top = merged(self, fresh)
+        top["vision_config"] = merged(self.vision_config, fresh.vision_config)
+        top["llm_config"] = merged(self.llm_config, fresh.llm_config)
+        top["llm_config"].pop("rope_parameters", None)  # as rope_theta / rope_scaling: what transformers 4.37 reads
+        top["hidden_size"] = self.llm_config.hidden_size
+        return top

@@ -125,12 +125,18 @@ def test_internlm2_equals_llama_layout(make_ckpt, nv_load, heads, kv_heads):
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (6, 2, 8), (8, 8, 4), (32, 2, 3), (4, 1, 5)])
 def test_split_wqkv_matches_naive_group_loop(heads, kv_heads, head_dim):
-    from nanovl.weights import split_wqkv
+    """weights.wqkv_rows (which row of the stacked [q; k; v] each wqkv row is) against a per-group loop."""
+    from nanovl.config import LLMConfig
+    from nanovl.weights import wqkv_rows
 
     H = 7
     g = torch.Generator().manual_seed(heads * 100 + kv_heads)
     wqkv = torch.randn((heads + 2 * kv_heads) * head_dim, H, generator=g)
-    wq, wk, wv = split_wqkv(wqkv, heads, kv_heads, head_dim)
+    cfg = LLMConfig(["InternLM2ForCausalLM"], heads * head_dim, 1, heads, 8, 10, num_key_value_heads=kv_heads,
+                    head_dim=head_dim)
+    stacked = torch.empty_like(wqkv)
+    stacked[wqkv_rows(cfg)] = wqkv  # what loading does
+    wq, wk, wv = stacked.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
     rq, rk, rv = fx.naive_split_wqkv(wqkv, heads, kv_heads, head_dim)
     assert wq.shape == (heads * head_dim, H) and wk.shape == wv.shape == (kv_heads * head_dim, H)
     assert torch.equal(wq, rq) and torch.equal(wk, rk) and torch.equal(wv, rv)

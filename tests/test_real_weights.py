@@ -17,8 +17,9 @@ WEIGHTS = Path(os.environ.get("NANOVL_WEIGHTS", "weights"))
 
 def checkpoint(*names):
     for name in names:
-        if (WEIGHTS / name / "config.json").exists():
-            return WEIGHTS / name
+        for folder in (name, f"OpenGVLab--{name}"):  # a copy of its own, or where nanovl.load downloads it
+            if (WEIGHTS / folder / "config.json").exists():
+                return WEIGHTS / folder
     pytest.skip(f"no real checkpoint {names[0]} under {WEIGHTS} (set NANOVL_WEIGHTS)")
 
 
