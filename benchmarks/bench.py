@@ -227,7 +227,8 @@ def worker(args) -> dict:
             return model.extract_feature(pv)
 
         def generate(ids, pv, n):
-            for _ in generation.generate(model, ids, pv, max_new_tokens=n, eos_token_id=None,
+            vit = generation.encode_images(model, pv)
+            for _ in generation.generate(model, ids, max_new_tokens=n, eos_token_id=None, vit_embeds=vit,
                                          **({"compile": True} if args.compile else {})):
                 timeline.tokens.append(time.perf_counter())
     img_ids = args.img_ids

@@ -1,11 +1,11 @@
 """Command line: python -m nanovl.generate --image x.jpg [--prompt ...] [--model DIR_OR_HUB_ID] [--chat] ..."""
 import argparse
-import resource
 import sys
 
 import torch
 
 import nanovl
+from nanovl.chat import History
 from nanovl.errors import NanovlError
 from nanovl.generation import Stats
 
@@ -46,10 +46,12 @@ def load_media(args, config):
         return pv, patches, "".join(f"Frame{i + 1}: <image>\n" for i in range(len(patches)))
     if not args.image:
         return None, [], ""
-    max_tiles = args.max_tiles or (config.max_dynamic_patch if config.dynamic_image_size else 1)
-    if not 1 <= max_tiles <= 40:
+    max_tiles = args.max_tiles if args.max_tiles is not None else (
+        config.max_dynamic_patch if config.dynamic_image_size else 1)
+    if not 1 <= max_tiles <= 40:  # 40: the largest max_dynamic_patch any InternVL recipe trains with is 36
         raise NanovlError(f"--max-tiles must be between 1 and 40, got {max_tiles}")
     images = [nanovl.load_image(path, max_num=max_tiles, input_size=config.image_size,
+                                min_num=min(config.min_dynamic_patch, max_tiles),
                                 use_thumbnail=config.use_thumbnail and not args.no_thumbnail) for path in args.image]
     patches = [len(im) for im in images]
     prefix = "<image>\n" if len(images) == 1 else "".join(f"Image-{i + 1}: <image>\n" for i in range(len(images)))
@@ -59,8 +61,11 @@ def load_media(args, config):
 def report(stats: Stats, pixel_values, patches, device):
     """The --verbose line of one turn, on stderr."""
     ttft = stats.vision_s + stats.ttft_s
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    if str(device).startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource  # Unix only: imported where --verbose needs it
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     tiles = f"{sum(patches)} tiles {patches}" if pixel_values is not None else "no image"
     print(f"[{tiles} | prompt {stats.prompt_tokens} tokens | vision {stats.vision_s:.2f}s | "
           f"TTFT {ttft:.2f}s | prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.1f} tok/s | "
@@ -84,8 +89,9 @@ def answer(model, args, question, pixel_values, patches, history) -> str:
 
 
 def chat_loop(model, args, pixel_values, patches, prefix):
-    """--chat: read questions from the terminal; a bad turn prints its error and the conversation goes on."""
-    history, first = None, args.prompt
+    """--chat: read questions from the terminal; a bad turn prints its error and the conversation goes on.
+    The History keeps the image features, so only the first turn runs the vision encoder."""
+    history, first = History(), args.prompt
     while True:
         if first:
             line, first = first, None
@@ -96,9 +102,10 @@ def chat_loop(model, args, pixel_values, patches, prefix):
                 return
         if not line:
             continue
-        question = prefix + line if history is None else line
+        question = prefix + line if not history else line
         try:
-            history = (history or []) + [(question, answer(model, args, question, pixel_values, patches, history))]
+            turn = (question, answer(model, args, question, pixel_values, patches, history))
+            history = History(list(history) + [turn], history.vision)
         except NanovlError as e:
             print(f"error: {e}", file=sys.stderr)
 

@@ -1,5 +1,6 @@
 """Prefill once, then decode one token at a time against a static KV cache; greedy or sampled."""
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -20,21 +21,36 @@ def sample(logits: torch.Tensor, temperature=0.0, top_k=0, top_p=1.0, generator=
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+@dataclass
 class Stats:
     """Timings of one generate() call, for --verbose and benchmarks."""
-    vision_s = prefill_s = ttft_s = decode_s = 0.0  # ttft_s: after the vision encoder; decode_s: first to last token
-    prompt_tokens = new_tokens = 0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # after the vision encoder
+    decode_s: float = 0.0  # first to last token
+    prompt_tokens: int = 0
+    new_tokens: int = 0
 
     def decode_tps(self) -> float:
         return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
 
 
 @torch.inference_mode()
-def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, eos_token_id=None,
-             temperature=0.0, top_k=0, top_p=1.0, seed=None, vit_embeds=None, stats: Stats | None = None,
-             compile=False):
+def encode_images(model, pixel_values, stats: Stats | None = None) -> torch.Tensor:
+    """The one place inference runs the vision encoder: (tiles, 3, 448, 448) -> (tiles, 256, D), timed."""
+    t0 = time.perf_counter()
+    vit_embeds = model.extract_feature(pixel_values)
+    if stats is not None:
+        stats.vision_s = time.perf_counter() - t0
+    return vit_embeds
+
+
+@torch.inference_mode()
+def generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, temperature=0.0,
+             top_k=0, top_p=1.0, seed=None, vit_embeds=None, stats: Stats | None = None, compile=False):
     """Yield one (B,) tensor of new token ids per step. Stops when every row has emitted a stop id
     (eos_token_id: an id, a list of ids, or None for never) or after max_new_tokens.
+    vit_embeds: the image features (encode_images) for the prompt's <IMG_CONTEXT> tokens.
     compile: decode with torch.compile of the one-token step over the whole fixed-size cache (opt-in)."""
     stats = stats or Stats()
     B, T = input_ids.shape
@@ -43,17 +59,15 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     generator = None if seed is None else torch.Generator(input_ids.device).manual_seed(seed)
     lm = model.language_model
 
-    t0 = time.perf_counter()
-    if pixel_values is not None and vit_embeds is None:  # else the caller timed the vision encoder (chat.stream)
-        vit_embeds = model.extract_feature(pixel_values)
-        stats.vision_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    x = model.embed(input_ids, vit_embeds=vit_embeds)
-    positions = model.positions(input_ids, attention_mask)
+    x = model.embed(input_ids, vit_embeds)
+    positions = model.positions(input_ids, attention_mask, generator)
     cache_len = T + max_new_tokens
     if compile:  # one compiled graph per cache length: round it up so that prompts share graphs
         cache_len = -(-cache_len // 256) * 256
-        run = lm.__dict__.setdefault("compiled_run", torch.compile(lm.run, dynamic=False))
+        if getattr(lm, "compiled_decode", None) is None:  # compiled once per model, reused by every call
+            lm.compiled_decode = torch.compile(lm.layers_norm_head, dynamic=False)
+        run = lm.compiled_decode
     key_mask = None
     if attention_mask is not None and not attention_mask.all():  # left padding: the pads stay masked while decoding
         key_mask = torch.ones(B, cache_len, dtype=torch.bool, device=input_ids.device)
@@ -78,7 +92,7 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
         if bool(done.all()) or i == max_new_tokens - 1:
             break
         if compile:
-            logits = lm.step(token[:, None], next_pos, cache, T + i, key_mask, run)
+            logits = lm.decode_step_static(token[:, None], next_pos, cache, T + i, key_mask, run)
         else:
             logits = lm(input_ids=token[:, None], positions=next_pos, cache=cache, start=T + i, key_mask=key_mask)
         next_pos = next_pos + 1

@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanovl.config import LLMConfig
 from nanovl.errors import NanovlError
@@ -32,7 +33,9 @@ class RMSNorm(nn.Module):
 
 
 class RoPE:
-    """Rotary position embedding (rotate-half), with the rope_scaling variants InternVL checkpoints use."""
+    """Rotary position embedding (rotate-half), with the rope_scaling variants InternVL checkpoints use:
+    default (Qwen2/2.5, Qwen3, LLaMA/Yi), dynamic NTK (InternLM2, InternVL3's Qwen2.5) and su/LongRoPE (Phi-3).
+    Only the scaled kinds need the sequence length (a host sync on GPU); the default one never reads it."""
 
     def __init__(self, cfg: LLMConfig):
         self.dim, self.theta, self.max_pos = cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings
@@ -42,7 +45,8 @@ class RoPE:
             raise NanovlError(f"unsupported rope_scaling {cfg.rope_scaling}")
         self.orig_max = self.scaling.get("original_max_position_embeddings", cfg.original_max_position_embeddings)
 
-    def inv_freq(self, seq_len: int, device) -> tuple[torch.Tensor, float]:
+    def frequencies(self, seq_len: int, device) -> tuple[torch.Tensor, float]:
+        """-> (inv_freq (hd/2,), attn_factor): the rotation speed of each frequency and LongRoPE's cos/sin scale."""
         exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
         theta, scale, attn_factor = self.theta, 1.0, 1.0
         if self.kind == "dynamic" and seq_len > self.max_pos:  # dynamic NTK: a larger base past the trained length
@@ -58,8 +62,9 @@ class RoPE:
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T), integer or fractional (V2PE) -> cos, sin (B, T, head_dim) in fp32."""
         fractional = positions.is_floating_point()  # V2PE positions never use dynamic scaling
-        seq_len = 0 if fractional and self.kind == "dynamic" else int(positions.max()) + 1
-        inv_freq, attn_factor = self.inv_freq(seq_len, positions.device)
+        needs_len = self.kind != "default" and not (fractional and self.kind == "dynamic")
+        seq_len = int(positions.max()) + 1 if needs_len else 0
+        inv_freq, attn_factor = self.frequencies(seq_len, positions.device)
         angle = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
         emb = torch.cat([angle, angle], dim=-1)  # (B, T, hd)
         return emb.cos() * attn_factor, emb.sin() * attn_factor
@@ -80,17 +85,19 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(self, layer: int, start, k, v):
-        """Write k/v (B, n_kv, T, hd) at positions start..start+T-1; return the cache up to there.
-        start as a (T,) tensor of slots (the compiled decode step): return the whole cache, the mask hides the rest."""
-        if isinstance(start, torch.Tensor):
-            self.k[layer].index_copy_(2, start, k)
-            self.v[layer].index_copy_(2, start, v)
-            return self.k[layer], self.v[layer]
+    def update(self, layer: int, start: int, k, v):
+        """Write k/v (B, n_kv, T, hd) at positions start..start+T-1; return the keys and values up to there."""
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def update_static(self, layer: int, slots: torch.Tensor, k, v):
+        """The compiled decode step's version: write at the (T,) tensor `slots`, return the WHOLE cache (fixed
+        shapes; the attention mask hides the slots not yet written)."""
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -113,7 +120,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if cache is not None and isinstance(start, torch.Tensor):  # decode_step_static: the whole cache
+            k, v = cache.update_static(self.layer, start, k, v)
+        elif cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, n_kv, start+T, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hd)
@@ -144,15 +153,18 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(start: int, T: int, key_mask, device=None):
-    """Boolean (B, 1, T, start+T) mask, or None where SDPA's plain causal (or no) mask is exact.
-    key_mask (B, >=start+T) marks real tokens (False = left padding)."""
-    if key_mask is None and (start == 0 or T == 1):
+def attention_mask(start: int, T: int, key_mask=None, segment_ids=None, device=None, S=None):
+    """Boolean (B, 1, T, S) mask (S = start+T by default), or None where SDPA's plain causal (or no) mask is exact.
+    key_mask (B, >=S) marks real tokens (False = left padding); segment_ids (B, T) number the samples packed into
+    one row (training): a token sees only earlier tokens of its own sample (block-diagonal causal)."""
+    if key_mask is None and segment_ids is None and (start == 0 or T == 1) and S is None:
         return None
-    S = start + T
+    S = start + T if S is None else S
     key = torch.arange(S, device=device)[None, :]  # (1, S)
-    query = torch.arange(start, S, device=device)[:, None]  # (T, 1)
-    mask = key <= query  # causal: query t sees keys <= start+t
+    query = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    mask = (key <= query)[None, None]  # causal: query t sees keys <= start+t
+    if segment_ids is not None:  # packed samples: (B, 1, T, T), no start offset in training
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     if key_mask is not None:  # left padding: nobody sees a pad, but a pad query sees itself (no all-False row, no NaN)
         mask = (mask & key_mask[:, None, None, :S]) | (key == query)
     return mask
@@ -163,27 +175,50 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg, self.rope = cfg, RoPE(cfg)
         self.model = nn.ModuleDict(dict(
-            # _weight skips the random init (on the meta device it imports torch._dynamo: a second of load time)
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+            # _weight skips nn.Embedding's own init (on the meta device it imports torch._dynamo: a second of load
+            # time); padding_idx: that row gets no gradient, as in the reference decoders
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id,
                                       _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)),
             layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # training: recompute each block in the backward pass
+        self.compiled_decode = None  # generate(compile=True): torch.compile of layers_norm_head, made once
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """The reference decoders' init: normal(0, initializer_range) for linears and the embedding, zero biases and
+        padding row, norms at one."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, self.cfg.initializer_range)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         w = self.model.embed_tokens.weight  # never quantized: the activations' dtype
         return KVCache(self.cfg, batch, max_len, w.dtype, w.device)
 
     def forward(self, input_ids=None, inputs_embeds=None, positions=None, cache=None, start=0, key_mask=None,
-                last_only=False):
-        """-> logits (B, T, vocab), or (B, 1, vocab) with last_only. With a cache, the tokens sit at start..start+T-1."""
+                last_only=False, segment_ids=None, return_hidden=False):
+        """-> logits (B, T, vocab), or (B, 1, vocab) with last_only, or with return_hidden the final-norm hidden
+        states (B, T, D) that the head would read. With a cache, the tokens sit at start..start+T-1."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         cos, sin = self.rope_cos_sin(positions, x.dtype)
-        return self.run(x, cos, sin, attention_mask(start, T, key_mask, x.device), cache, start, last_only)
+        mask = attention_mask(start, T, key_mask, segment_ids, x.device)
+        return self.layers_norm_head(x, cos, sin, mask, cache, start, last_only, head=not return_hidden)
 
     def rope_cos_sin(self, positions, dtype):
         """(B, T) positions -> cos, sin (B, 1, T, hd) in the dtype the rotation runs in (V2PE rotates in fp32)."""
@@ -191,21 +226,43 @@ class LanguageModel(nn.Module):
         rope_dtype = torch.float32 if positions.is_floating_point() else dtype
         return cos[:, None].to(rope_dtype), sin[:, None].to(rope_dtype)
 
-    def run(self, x, cos, sin, mask, cache, start, last_only=False):
-        """The blocks, the final norm and the head: x (B, T, D) -> logits. With fixed shapes (step()) it is what
-        generate(compile=True) compiles."""
+    def layers_norm_head(self, x, cos, sin, mask, cache, start, last_only=False, head=True):
+        """The blocks, the final norm and the head: x (B, T, D) -> logits. With fixed shapes (decode_step_static)
+        it is what generate(compile=True) compiles."""
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, start)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, start)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return self.lm_head(x) if head else x
 
-    def step(self, input_ids, positions, cache, slot: int, key_mask=None, run=None):
+    def decode_step_static(self, input_ids, positions, cache, slot: int, key_mask=None, run=None):
         """One decode step against the whole static cache, so every shape is fixed: input_ids, positions (B, 1),
-        the token goes to cache slot `slot` -> logits (B, 1, vocab). run: self.run or a compiled copy of it."""
+        the token goes to cache slot `slot` -> logits (B, 1, vocab). run: layers_norm_head or a compiled copy."""
         x = self.model.embed_tokens(input_ids)  # (B, 1, D)
         cos, sin = self.rope_cos_sin(positions, x.dtype)
-        mask = (torch.arange(cache.max_len, device=x.device) <= slot)[None, None, None, :]  # (1, 1, 1, max_len)
-        if key_mask is not None:  # left padding stays masked
-            mask = mask & key_mask[:, None, None, :cache.max_len]
-        return (run or self.run)(x, cos, sin, mask, cache, torch.tensor([slot], device=x.device))
+        mask = attention_mask(slot, 1, key_mask, None, x.device, S=cache.max_len)  # (B|1, 1, 1, max_len)
+        return (run or self.layers_norm_head)(x, cos, sin, mask, cache, torch.tensor([slot], device=x.device))
+
+
+def token_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Next-token cross-entropy without the (T, vocab) logits of every position: hidden (B, T, D) final-norm states,
+    labels (B, T) with -100 where nothing is learned -> (B, T) fp32 losses, [b, t] = CE(head(hidden[b, t-1]),
+    labels[b, t]) (0 at t = 0 and where the label is -100). Only the labelled positions go through the head, as fp32
+    logits (the reference casts them with .float()), `chunk` rows at a time; with more than one chunk each chunk's
+    logits are recomputed in the backward pass instead of kept."""
+    target = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    rows = (target != -100).nonzero(as_tuple=True)
+    h, y = hidden[:, :-1][rows], target[rows]  # (M, D), (M,)
+
+    def ce(h, y):
+        return F.cross_entropy(head(h).float(), y, reduction="none")
+
+    pieces = [checkpoint(ce, h[i:i + chunk], y[i:i + chunk], use_reentrant=False) if len(h) > chunk and
+              torch.is_grad_enabled() else ce(h[i:i + chunk], y[i:i + chunk]) for i in range(0, len(h), chunk)]
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    out[:, 1:][rows] = torch.cat(pieces) if pieces else out.new_zeros(0)
+    return out

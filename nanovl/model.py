@@ -1,14 +1,17 @@
-"""InternVL = InternViT -> pixel shuffle -> mlp1 -> image features spliced into the decoder's embeddings."""
+"""InternVL = InternViT -> pixel shuffle -> mlp1 -> image features spliced into the decoder's embeddings.
+
+Where things are: the forward pass is here; chat()/stream()/batch_chat() are in chat.py (bound below as methods),
+the decode loop in generation.py, the decoder in llm.py, the ViT in vision.py, loading and saving in weights.py.
+"""
 import math
-import random
 
 import torch
 import torch.nn as nn
 
-from nanovl import chat as chat_api, generation
+from nanovl import chat as chat_api, generation, preprocess, weights
 from nanovl.config import InternVLConfig
 from nanovl.errors import NanovlError
-from nanovl.llm import LanguageModel
+from nanovl.llm import LanguageModel, token_losses
 from nanovl.vision import VisionModel
 
 
@@ -21,9 +24,11 @@ def pixel_shuffle(x: torch.Tensor, scale: float = 0.5, ps_version: str = "v2") -
     return x if ps_version == "v1" else x.permute(0, 2, 1, 3).contiguous()  # v2: back to (N, h/2, w/2, 4C)
 
 
-def v2pe_positions(input_ids: torch.Tensor, img_context_id: int, stride: int, num_image_token: int) -> torch.Tensor:
+def v2pe_positions(input_ids: torch.Tensor, img_context_id: int, stride: int | None, num_image_token: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """V2PE (OpenGVLab PR #1000): text advances the position by 1, each <IMG_CONTEXT> by stride/num_image_token;
-    after an image the position resumes at ceil(last image position) + 1. (T,) ids -> (T,) float32 positions."""
+    after an image the position resumes at ceil(last image position) + 1. stride None (v2pe_rnd): drawn per image
+    from {1, 2, ..., 256} with `generator`. (T,) ids -> (T,) float32 positions."""
     is_img, out, p, t = (input_ids == img_context_id).tolist(), [], -1.0, 0
     while t < len(is_img):
         if not is_img[t]:
@@ -31,26 +36,33 @@ def v2pe_positions(input_ids: torch.Tensor, img_context_id: int, stride: int, nu
             out.append(p)
             continue
         n = next((i for i in range(t, len(is_img)) if not is_img[i]), len(is_img)) - t  # tokens of this image
-        delta = (stride if stride is not None else random.choice([2 ** i for i in range(9)])) / num_image_token
+        s = stride if stride is not None else 2 ** int(torch.randint(9, (), generator=generator))
+        delta = s / num_image_token
         out += torch.linspace(p, p + delta * n, n + 1)[1:].tolist()
         p, t = math.ceil(p + delta * n), t + n
     return torch.tensor(out, dtype=torch.float32)
 
 
 class InternVL(nn.Module):
+    # the conversation API of the reference, in chat.py: chat/stream/batch_chat -> generation.generate -> forward
+    chat = chat_api.chat
+    stream = chat_api.stream
+    batch_chat = chat_api.batch_chat
+
     def __init__(self, config: InternVLConfig):
         super().__init__()
         self.config = config
         v, llm = config.vision_config, config.llm_config
         width = v.hidden_size * int(1 / config.downsample_ratio) ** 2  # 4C after pixel shuffle
         self.vision_model = VisionModel(v, config.select_layer)
+        # a Sequential only so that the weights are named mlp1.0 / mlp1.1 / mlp1.3, as in the checkpoints
         self.mlp1 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, llm.hidden_size), nn.GELU(),
-                                  nn.Linear(llm.hidden_size, llm.hidden_size))
+                                  nn.Linear(llm.hidden_size, llm.hidden_size))  # PyTorch's default init, as the original
         self.language_model = LanguageModel(llm)
         self.tokenizer = None  # set by nanovl.load()
         self.img_context_token_id = config.image_token_id  # the tokenizer's <IMG_CONTEXT> once loaded
         self.rope_pos_id_version, self.rope_pos_id_stride = config.rope_pos_id_version, config.rope_pos_id_stride
-        self._features = (None, None, None)  # (pixel_values, its version, vit_embeds): reused across chat turns
+        self.source = None  # (checkpoint dir, format) once loaded: saving carries what nanovl does not build
 
     @property
     def device(self) -> torch.device:
@@ -58,35 +70,28 @@ class InternVL(nn.Module):
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, 448, 448) tiles -> (N, 256, D) image tokens for the decoder."""
-        x = self.vision_model(pixel_values.to(self.mlp1[1].weight))[:, 1:]  # drop the class token: (N, 1024, C)
+        proj = self.mlp1[1].weight  # the projector's device and dtype
+        x = self.vision_model(pixel_values.to(device=proj.device))[:, 1:]  # drop the class token: (N, 1024, C)
         N, P, C = x.shape
-        side = int(P ** 0.5)
+        side = int(P ** 0.5)  # the patch grid is square (32 x 32 at 448 px)
         x = pixel_shuffle(x.reshape(N, side, side, C), self.config.downsample_ratio, self.config.ps_version)
-        return self.mlp1(x.reshape(N, -1, x.shape[-1]))  # (N, 256, 4C) -> (N, 256, D)
+        return self.mlp1(x.reshape(N, -1, x.shape[-1]).to(proj.dtype))  # (N, 256, 4C) -> (N, 256, D)
 
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """extract_feature, remembered for the last pixel_values tensor so later chat turns do not re-encode it."""
-        pv, version, vit = self._features
-        if pv is not pixel_values or version != pixel_values._version:
-            vit = self.extract_feature(pixel_values)
-            self._features = (pixel_values, pixel_values._version, vit)
-        return vit
-
-    def embed(self, input_ids, pixel_values=None, vit_embeds=None) -> torch.Tensor:
-        """Token embeddings (B, T, D) with the <IMG_CONTEXT> slots filled by image tokens, in order."""
+    def embed(self, input_ids, vit_embeds=None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with the <IMG_CONTEXT> slots filled by the image tokens (tiles, 256, D), in order."""
         x = self.language_model.model.embed_tokens(input_ids)
-        if pixel_values is None and vit_embeds is None:
+        if vit_embeds is None:
             return x
         if self.img_context_token_id is None:
             raise NanovlError("img_context_token_id is not set: load a checkpoint with tokenizer files or set it")
-        vit = self.extract_feature(pixel_values) if vit_embeds is None else vit_embeds  # (tiles, 256, D)
         slots = input_ids == self.img_context_token_id  # (B, T)
-        if int(slots.sum()) != vit.shape[0] * vit.shape[1]:
+        if int(slots.sum()) != vit_embeds.shape[0] * vit_embeds.shape[1]:
             raise NanovlError(f"the prompt has {int(slots.sum())} <IMG_CONTEXT> tokens but the images give "
-                              f"{vit.shape[0]} tiles x {vit.shape[1]} = {vit.shape[0] * vit.shape[1]} image tokens")
-        return x.masked_scatter(slots[..., None], vit.to(x.dtype))  # batch-major, image by image
+                              f"{vit_embeds.shape[0]} tiles x {vit_embeds.shape[1]} = "
+                              f"{vit_embeds.shape[0] * vit_embeds.shape[1]} image tokens")
+        return x.masked_scatter(slots[..., None], vit_embeds.to(x.dtype))  # batch-major, image by image
 
-    def positions(self, input_ids, attention_mask=None) -> torch.Tensor:
+    def positions(self, input_ids, attention_mask=None, generator=None) -> torch.Tensor:
         """(B, T) positions: integers (cumsum of the mask under left padding), or V2PE's fractional ones."""
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -99,24 +104,52 @@ class InternVL(nn.Module):
         pos = pos.float()
         for b in range(B):
             pos[b, mask[b]] = v2pe_positions(input_ids[b, mask[b]], self.img_context_token_id, stride,
-                                             self.config.num_image_token).to(pos.device)
+                                             self.config.num_image_token, generator).to(pos.device)
         return pos
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, vit_embeds=None) -> torch.Tensor:
-        """-> logits (B, T, vocab) for the whole sequence (no cache)."""
-        x = self.embed(input_ids, pixel_values, vit_embeds)
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, vit_embeds=None, image_flags=None,
+                position_ids=None, labels=None, segment_ids=None) -> torch.Tensor:
+        """-> logits (B, T, vocab) for the whole sequence (no cache).
+        Training: image_flags (tiles,) drops the tiles marked 0 after the ViT (pure-text samples carry one dummy
+        tile); position_ids (B, T) as the data gives them; segment_ids (B, T) keep packed samples apart; labels (B, T)
+        -> instead of logits, the (B, T) fp32 next-token losses of llm.token_losses (no logits for unlabelled
+        positions, such as image tokens)."""
+        if pixel_values is not None and vit_embeds is None:
+            vit_embeds = self.extract_feature(pixel_values)
+        if vit_embeds is not None and image_flags is not None:
+            vit_embeds = vit_embeds[image_flags.to(vit_embeds.device) == 1]
+        x = self.embed(input_ids, vit_embeds)
+        positions = position_ids if position_ids is not None else self.positions(input_ids, attention_mask)
         key_mask = None if attention_mask is None or attention_mask.all() else attention_mask.bool()
-        return self.language_model(inputs_embeds=x, positions=self.positions(input_ids, attention_mask),
-                                   key_mask=key_mask)
+        if labels is None:
+            return self.language_model(inputs_embeds=x, positions=positions, key_mask=key_mask,
+                                       segment_ids=segment_ids)
+        hidden = self.language_model(inputs_embeds=x, positions=positions, key_mask=key_mask,
+                                     segment_ids=segment_ids, return_hidden=True)
+        return token_losses(hidden, self.language_model.lm_head, labels)
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, eos_token_id=None,
                  **sampling) -> torch.Tensor:
         """-> (B, new) token ids; rows that stopped are padded with their stop token. eos_token_id=None never stops early."""
-        tokens = list(generation.generate(self, input_ids, pixel_values, attention_mask, max_new_tokens,
-                                          eos_token_id, **sampling))
+        vit_embeds = None if pixel_values is None else generation.encode_images(self, pixel_values)
+        tokens = list(generation.generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id,
+                                          vit_embeds=vit_embeds, **sampling))
         return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
 
-    chat = chat_api.chat  # the conversation API lives in chat.py
-    stream = chat_api.stream
-    batch_chat = chat_api.batch_chat
+    def load_image(self, image, max_num: int | None = None, use_thumbnail: bool | None = None) -> torch.Tensor:
+        """An image file (or PIL image) -> (tiles, 3, 448, 448) tiled as this checkpoint's config says
+        (dynamic_image_size, min/max_dynamic_patch, use_thumbnail, image size); max_num overrides max_dynamic_patch."""
+        c = self.config
+        max_num = max_num if max_num is not None else c.max_dynamic_patch if c.dynamic_image_size else 1
+        return preprocess.load_image(image, max_num=max_num, input_size=c.image_size, min_num=min(c.min_dynamic_patch,
+                                     max_num), use_thumbnail=c.use_thumbnail if use_thumbnail is None else use_thumbnail)
+
+    def original_state_dict(self, grads: bool = False) -> dict:
+        """Every tensor (or with grads=True every .grad, None where there is none) under the ORIGINAL checkpoint's
+        key names: q/k/v and gate/up un-stacked, InternLM2's wqkv re-grouped. For comparing with the original code."""
+        return weights.original_state_dict(self, grads)
+
+    def save_pretrained(self, out_dir, dtype: torch.dtype = torch.bfloat16, max_shard_size: int = 5 * 10 ** 9):
+        """Write a checkpoint in the original OpenGVLab layout that nanovl and the original code load (weights.py)."""
+        return weights.save_pretrained(self, out_dir, dtype, max_shard_size)

@@ -1,8 +1,13 @@
-"""Image and video preprocessing, bit-exact with InternVL's PIL + torchvision path (vision-and-chat.md section 4)."""
+"""Image and video preprocessing, bit-exact with InternVL's PIL + torchvision path: `dynamic_preprocess`, `load_image`
+and `load_video` of the InternVL model cards (https://huggingface.co/OpenGVLab/InternVL3-1B, "Inference with
+Transformers"), and `dynamic_preprocess` / `build_transform` of internvl_chat/internvl/train/dataset.py.
+
+A "tile" is one 448x448 crop (what the reference calls a patch in num_patches_list / max_num); a "patch" elsewhere in
+nanovl is one 14x14-pixel square of a tile.
+"""
 from functools import lru_cache
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from PIL import Image
@@ -13,7 +18,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # -----------------------------------------------------------------------------
-# dynamic tiling (section 4.1)
+# dynamic tiling: the grid of 448 tiles whose aspect ratio is closest to the image's
 
 @lru_cache(maxsize=None)
 def target_ratios(min_num=1, max_num=12):
@@ -23,9 +28,9 @@ def target_ratios(min_num=1, max_num=12):
                  if min_num <= i * j <= max_num)
     return tuple(sorted(ratios, key=lambda x: x[0] * x[1]))
 
-def find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
+def find_closest_aspect_ratio(aspect_ratio, ratios, width, height, image_size):
     best_diff, best = float("inf"), (1, 1)
-    for cols, rows in target_ratios:
+    for cols, rows in ratios:
         diff = abs(aspect_ratio - cols / rows)
         if diff < best_diff:
             best_diff, best = diff, (cols, rows)
@@ -39,6 +44,8 @@ def closest_grid(width, height, min_num=1, max_num=12, image_size=448):
     return find_closest_aspect_ratio(width / height, target_ratios(min_num, max_num), width, height, image_size)
 
 def dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=True):
+    """PIL image -> list of PIL tiles: the closest (cols, rows) grid with min_num <= cols*rows <= max_num, row-major
+    crops of the image resized to it, and a thumbnail of the whole image last when there is more than one tile."""
     cols, rows = closest_grid(*image.size, min_num, max_num, image_size)
     resized = image.resize((image_size * cols, image_size * rows))  # PIL default filter = BICUBIC for RGB
     tiles = [resized.crop(((k % cols) * image_size, (k // cols) * image_size,
@@ -49,9 +56,10 @@ def dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbna
     return tiles
 
 # -----------------------------------------------------------------------------
-# per-tile transform (section 4.2) and image loading
+# per-tile transform and image loading
 
 def to_tensor(image, image_size=448):
+    """One tile -> (3, 448, 448) float32: RGB, Resize((448, 448), BICUBIC), ToTensor, Normalize(ImageNet mean/std)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (image_size, image_size):  # T.Resize((448,448), BICUBIC); same-size is a copy in PIL
@@ -72,14 +80,17 @@ def open_image(path):
         raise NanovlError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 def load_image(image, max_num=12, input_size=448, use_thumbnail=True, min_num=1):
+    """An image file (or PIL image) -> (tiles, 3, 448, 448), with the reference's defaults (max_num=12, thumbnail).
+    `model.load_image(path)` uses the checkpoint's own settings instead (InternVL-Chat-V1-2: a single tile)."""
     image = image.convert("RGB") if isinstance(image, Image.Image) else open_image(image)
     tiles = dynamic_preprocess(image, min_num, max_num, input_size, use_thumbnail)
     return torch.stack([to_tensor(t, input_size) for t in tiles])  # (tiles, 3, 448, 448)
 
 # -----------------------------------------------------------------------------
-# video (section 4.4)
+# video: PyAV in place of the reference's decord
 
 def get_index(bound, fps, max_frame, first_idx=0, num_segments=32):
+    """The frame indices the reference samples: the middle of num_segments equal segments of [bound] (seconds)."""
     if num_segments < 1:
         raise NanovlError(f"num_segments must be >= 1, got {num_segments}")
     start, end = (bound[0], bound[1]) if bound else (-100000, 100000)
@@ -89,6 +100,8 @@ def get_index(bound, fps, max_frame, first_idx=0, num_segments=32):
     return [int(start_idx + seg / 2 + np.round(seg * k)) for k in range(num_segments)]  # np.round: half-to-even
 
 def _decode_frames(path, num_segments, bound):
+    import av  # imported here: nanovl needs PyAV only for video
+
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -119,6 +132,8 @@ def _decode_frames(path, num_segments, bound):
     return [frames[i] for i in indices]
 
 def load_video(path, num_segments=8, max_num=1, bound=None, input_size=448):
+    """A video file -> (pixel_values (frames x tiles, 3, 448, 448), tiles of each frame): num_segments frames sampled
+    as the reference does, each tiled with max_num (1: one 448 tile per frame, as in the model cards)."""
     if not Path(path).is_file():
         raise NanovlError(f"video file not found: {path}")
     pixel_values, num_patches_list = [], []

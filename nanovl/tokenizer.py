@@ -151,6 +151,7 @@ class Tokenizer:
         self._tok, self.special_ids = tok, {added[c]["id"] for c in special}
         tid = lambda k: tok.token_to_id(_content(cfg[k])) if cfg.get(k) else None  # noqa: E731
         self.bos_token_id, self.eos_token_id, self.pad_token_id = tid("bos_token"), tid("eos_token"), tid("pad_token")
+        self.bos_token = _content(cfg.get("bos_token"))
         # BOS: sentencepiece classes default to add_bos_token=True, Qwen2 has none, a tokenizer.json may add it itself
         bos_default = {"bpe": False, "spm": True}.get(kind, tok.encode("").ids[:1] == [self.bos_token_id])
         self.add_bos = bool(cfg.get("add_bos_token", bos_default)) and self.bos_token_id is not None

@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanovl.config import VisionConfig
 from nanovl.llm import RMSNorm
@@ -65,30 +66,70 @@ class VisionMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (timm's DropPath, as InternViT uses it): in training, each tile's residual branch is dropped
+    with probability p and kept ones are scaled by 1/(1-p). (N, ...) -> (N, ...)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)  # (N, 1, 1)
+    return x * keep.div_(1 - p) if p < 1 else x * keep
+
+
 class VisionLayer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, drop_path_rate: float = 0.0):
         super().__init__()
         C = cfg.hidden_size
         self.norm1, self.norm2 = make_norm(cfg, C), make_norm(cfg, C)
         self.attn, self.mlp = VisionAttention(cfg), VisionMLP(cfg)
         self.ls1 = nn.Parameter(torch.empty(C))  # layer scale
         self.ls2 = nn.Parameter(torch.empty(C))
+        self.drop_path_rate = drop_path_rate
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x).to(x.dtype)) * self.ls1
-        return x + self.mlp(self.norm2(x).to(x.dtype)) * self.ls2
+        x = x + drop_path(self.attn(self.norm1(x).to(x.dtype)) * self.ls1, self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x).to(x.dtype)) * self.ls2, self.drop_path_rate, self.training)
 
 
 class VisionModel(nn.Module):
     def __init__(self, cfg: VisionConfig, select_layer: int = -1):
         super().__init__()
+        self.cfg = cfg
         # hidden_states = (embeddings, block 0, ..., block L-1): hidden_states[select_layer] needs the first n blocks only
         n = cfg.num_hidden_layers + 1 + select_layer if select_layer < 0 else select_layer
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.num_hidden_layers, device="cpu").tolist()  # per-block ramp
         self.embeddings = VisionEmbeddings(cfg)
-        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(VisionLayer(cfg) for _ in range(n))))
+        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(VisionLayer(cfg, rates[i]) for i in range(n))))
+        self.gradient_checkpointing = False  # training: recompute each block in the backward pass
+        if not self.embeddings.class_embedding.is_meta:
+            self.init_weights()
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """The original's --drop_path_rate: linspace(0, rate, num_hidden_layers)[i] for block i."""
+        self.cfg.drop_path_rate = rate
+        rates = torch.linspace(0, rate, self.cfg.num_hidden_layers, device="cpu").tolist()
+        for layer, r in zip(self.encoder.layers, rates):
+            layer.drop_path_rate = r
+
+    @torch.no_grad()
+    def init_weights(self):
+        """InternViT's own init (it has no _init_weights): standard-normal class and position embeddings, layer scale
+        at initializer_factor, PyTorch's defaults for the convolution, linears and norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+                m.reset_parameters()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        self.embeddings.class_embedding.normal_()
+        self.embeddings.position_embedding.normal_()
+        for layer in self.encoder.layers:
+            layer.ls1.fill_(self.cfg.initializer_factor)
+            layer.ls2.fill_(self.cfg.initializer_factor)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixel_values)  # (N, 1025, C)
         for layer in self.encoder.layers:
-            x = layer(x)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)  # the saved RNG state replays the same drop path
+            else:
+                x = layer(x)
         return x  # (N, 1025, C): class token first; no final norm

@@ -107,6 +107,9 @@ BAD = {
     "missing image": (["--model", "{bare}", "--image", "{d}/nope.jpg"], "image file not found"),
     "unreadable image": (["--model", "{bare}", "--image", "{d}/not-an-image.jpg"], "cannot read image"),
     "missing model dir": (["--model", "{d}/no-such-dir"], "no such checkpoint directory"),
+    "mistyped local dir (no hub id)": (["--model", "{d}/empty-dir/../no-such-dir"], "no such checkpoint directory"),
+    "unknown hub id, offline": (["--model", "NoSuchOwner-nanovl/NoSuchModel"],
+                                "NoSuchOwner-nanovl/NoSuchModel is not a local directory, and downloading it"),
     "model dir without config": (["--model", "{d}/empty-dir"], "no config.json"),
     "unknown architecture": (["--model", "{d}/gpt2"], "unsupported language model architecture 'GPT2LMHeadModel'"),
     "no tokenizer": (["--model", "{bare}", "--prompt", "Hi"], "no tokenizer files"),
@@ -174,12 +177,12 @@ def test_bad_input_exits_2_with_one_line(case, runs, dirs, capsys):
         r = runs[case].result()
         code, out, err = r.returncode, r.stdout, r.stderr
     else:
-        from nanovl.generate import main
+        from nanovl.cli import main
 
         with pytest.raises(SystemExit) as e:
             main(bad_args(case, dirs))
         code, (out, err) = e.value.code, capsys.readouterr()
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("downloading ")]  # progress
     assert code == 2, f"exit {code}\n{err}"
     assert "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("error: ") and BAD[case][1] in lines[0], lines[0]

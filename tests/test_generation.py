@@ -77,7 +77,7 @@ def test_prefill_chunk_and_steps_equal_full_forward(get_model, llm):
     with torch.no_grad():
         full = model(ids, pixel_values=pv)  # (1, T, V)
         cache = lm.new_cache(1, T)
-        x = model.embed(ids[:, :P], pixel_values=pv)
+        x = model.embed(ids[:, :P], model.extract_feature(pv))
         parts = [lm(inputs_embeds=x, positions=model.positions(ids[:, :P]), cache=cache, start=0)]
         parts.append(lm(input_ids=ids[:, P:P + 3], positions=torch.arange(P, P + 3)[None], cache=cache, start=P))
         for t in range(P + 3, T):
@@ -166,8 +166,9 @@ def test_stops_on_stop_id_and_honours_max_new_tokens(get_model):
     both = model.generate(ids, pixel_values=pv, max_new_tokens=12, eos_token_id=[10_000, stop])  # a list of ids
     assert torch.equal(both, out)
     stats = generation.Stats()
-    steps = list(generation.generate(model, ids, pv, None, 12, stop, stats=stats))
-    assert len(steps) == stats.new_tokens == k + 1 and stats.prompt_tokens == ids.shape[1]
+    vit = generation.encode_images(model, pv, stats)
+    steps = list(generation.generate(model, ids, None, 12, stop, vit_embeds=vit, stats=stats))
+    assert len(steps) == stats.new_tokens == k + 1 and stats.prompt_tokens == ids.shape[1] and stats.vision_s > 0
 
 
 def test_image_token_count_mismatch_is_an_error(get_model):

@@ -115,7 +115,7 @@ def test_dynamic_ntk_past_max_position_embeddings():
         assert (plain(ids) - ours).abs().max() > 1e-3  # scaling really changes something past M
     diff = (ours - ref).abs().max().item()
     assert diff < 1e-5, f"max |logit diff| past max_position_embeddings: {diff}"
-    inv, _ = RoPE(cfg).inv_freq(L, "cpu")
+    inv, _ = RoPE(cfg).frequencies(L, "cpu")
     theta = 10000.0 * (f * L / M - (f - 1)) ** (8 / 6)
     assert torch.allclose(inv, 1.0 / theta ** (torch.arange(0, 8, 2).float() / 8))
     assert math.isclose(float(inv[1]), theta ** -0.25, rel_tol=1e-6)

@@ -2,10 +2,8 @@
 benchmarks/bench.py.
 
 - the decode GEMV (nanovl.llm.Linear sends a single row through torch.mv) == F.linear;
-- the decode layout: q/k/v and gate/up stacked in one matrix each (qkv_proj, gate_up_proj), one GEMV per group ==
-  one GEMV per projection, bit for bit;
-- the fixed-shape decode step over the whole static cache (LanguageModel.step, what compile=True compiles) ==
-  the default decode, eager and compiled;
+- the fixed-shape decode step over the whole static cache (LanguageModel.decode_step_static, what compile=True
+  compiles) == the default decode, eager and compiled;
 - int8 weight-only language model (opt-in, nanovl.quantize): its logit drift against bf16 is bounded and printed.
 """
 import pytest
@@ -13,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 import fixtures as fx
-from nanovl import generation
 from nanovl.llm import Linear
 from nanovl.quantize import Int8Linear, quantize_int8
 
@@ -47,27 +44,8 @@ def test_decode_gemv_matches_linear(dtype, bias):
     assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
 
 
-@pytest.mark.parametrize("llm", ["qwen2", "internlm2", "phi3"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_projections_match_separate(model, llm, dtype):
-    """qkv_proj and gate_up_proj stack the checkpoint's q/k/v and gate/up rows: one decode GEMV over the stack gives
-    the numbers of one GEMV per projection (to the rounding of the kernel's reduction order in bf16)."""
-    m, cfg = model(llm, dtype)
-    lc = cfg["llm_config"]
-    hd = fx.llm_head_dim(lc)
-    qkv = [lc["num_attention_heads"] * hd] + [lc["num_key_value_heads"] * hd] * 2
-    x = torch.randn(1, 1, lc["hidden_size"], generator=torch.Generator().manual_seed(0)).to(dtype)
-    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    with torch.inference_mode():
-        for layer in m.language_model.model.layers:
-            for lin, sizes in ((layer.self_attn.qkv_proj, qkv), (layer.mlp.gate_up_proj, [lc["intermediate_size"]] * 2)):
-                parts = [torch.mv(w, x.reshape(-1)) for w in lin.weight.split(sizes)]
-                separate = torch.cat(parts) if lin.bias is None else torch.cat(parts) + lin.bias
-                torch.testing.assert_close(lin(x).reshape(-1), separate, **tol)
-
-
 def _decode_logits(lm, ids, n, step, key_mask=None, positions=None):
-    """Greedy: prefill, then n steps either with the default forward or LanguageModel.step (whole-cache, masked)."""
+    """Greedy: prefill, then n steps either with the default forward or decode_step_static (whole cache, masked)."""
     B, T = ids.shape
     positions = torch.arange(T).expand(B, T) if positions is None else positions
     cache = lm.new_cache(B, T + n)
@@ -76,7 +54,7 @@ def _decode_logits(lm, ids, n, step, key_mask=None, positions=None):
     for i in range(n):
         tok = logits[:, -1].argmax(-1, keepdim=True)
         if step:
-            logits = lm.step(tok, pos, cache, T + i, key_mask)
+            logits = lm.decode_step_static(tok, pos, cache, T + i, key_mask)
         else:
             logits = lm(input_ids=tok, positions=pos, cache=cache, start=T + i, key_mask=key_mask)
         out.append(logits)
@@ -108,11 +86,13 @@ def test_compiled_decode_matches_eager(model):
     """generate(compile=True): torch.compile of the one-token step, fixed-size cache; same greedy tokens."""
     m, cfg = model("qwen2")
     ids, pv = fx.image_prompt(1, cfg, seed=3), fx.random_pixel_values(1, seed=3)
-    eager = torch.stack(list(generation.generate(m, ids, pv, max_new_tokens=10)), 1)
-    compiled = torch.stack(list(generation.generate(m, ids, pv, max_new_tokens=10, compile=True)), 1)
+    eager = m.generate(ids, pv, max_new_tokens=10)
+    compiled = m.generate(ids, pv, max_new_tokens=10, compile=True)
     assert torch.equal(compiled, eager)
-    again = torch.stack(list(generation.generate(m, ids[:, :-2], pv, max_new_tokens=10, compile=True)), 1)
-    assert torch.equal(again, torch.stack(list(generation.generate(m, ids[:, :-2], pv, max_new_tokens=10)), 1))
+    compiled_fn = m.language_model.compiled_decode
+    again = m.generate(ids[:, :-2], pv, max_new_tokens=10, compile=True)
+    assert torch.equal(again, m.generate(ids[:, :-2], pv, max_new_tokens=10))
+    assert m.language_model.compiled_decode is compiled_fn  # torch.compile ran once, not per call
 
 
 def test_int8_linear_is_the_dequantized_linear():
@@ -137,7 +117,7 @@ def test_int8_logit_drift_against_bf16(model, llm, capsys):
         assert all(not isinstance(x, torch.nn.Linear) for x in m.language_model.modules())
         assert isinstance(m.vision_model.encoder.layers[0].mlp.fc1, torch.nn.Linear)  # the ViT is never quantized
         q = m(ids, pixel_values=pv).float()
-        tokens = torch.stack(list(generation.generate(m, ids, pv, max_new_tokens=4)), 1)
+        tokens = m.generate(ids, pv, max_new_tokens=4)
     drift = (q - ref).abs().max().item() / ref.std().item()
     top1 = (q.argmax(-1) == ref.argmax(-1)).float().mean().item()
     with capsys.disabled():

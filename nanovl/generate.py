@@ -1,0 +1,5 @@
+"""python -m nanovl.generate: the documented name of the command line (nanovl/cli.py)."""
+from nanovl.cli import main
+
+if __name__ == "__main__":
+    main()
