@@ -15,6 +15,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m nanovl.generate", description="Chat with an InternVL checkpoint.")
     p.add_argument("--model", default="OpenGVLab/InternVL3-1B", help="checkpoint directory or hub id")
+    p.add_argument("--adapters", default=None, help="LoRA adapters saved alone (python -m nanovl.train "
+                   "--save-lora-adapters), merged into --model")
     p.add_argument("--image", nargs="+", default=[], help="one or more images")
     p.add_argument("--video", help="a video file; --frames frames are sampled")
     p.add_argument("--frames", type=int, default=8, help="frames sampled from --video")
@@ -115,7 +117,7 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     try:
-        model = nanovl.load(args.model, dtype=dtype, device=device)
+        model = nanovl.load(args.model, dtype=dtype, device=device, adapters=args.adapters)
         if args.int8:
             from nanovl.quantize import quantize_int8
             quantize_int8(model.language_model)

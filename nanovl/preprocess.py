@@ -99,7 +99,8 @@ def get_index(bound, fps, max_frame, first_idx=0, num_segments=32):
     seg = float(end_idx - start_idx) / num_segments
     return [int(start_idx + seg / 2 + np.round(seg * k)) for k in range(num_segments)]  # np.round: half-to-even
 
-def _decode_frames(path, num_segments, bound):
+def read_frames(path, pick) -> list:
+    """The frames of a video file chosen by pick(n_frames, fps) -> frame indices, as RGB PIL images in that order."""
     import av  # imported here: nanovl needs PyAV only for video
 
     try:
@@ -114,10 +115,9 @@ def _decode_frames(path, num_segments, bound):
                 container.seek(0, stream=stream)
             if n == 0:
                 raise NanovlError(f"video has no frames: {path}")
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
-            indices = get_index(bound, fps, n - 1, first_idx=0, num_segments=num_segments)
-            if not 0 <= min(indices) <= max(indices) < n:
-                raise NanovlError(f"bound {bound} selects frames outside the video's 0..{n - 1}")
+            indices = list(pick(n, float(stream.average_rate or stream.guessed_rate or 0)))
+            if not indices or not 0 <= min(indices) <= max(indices) < n:
+                raise NanovlError(f"frames {indices[:3]}... are outside the video's 0..{n - 1}: {path}")
             wanted, last, frames = set(indices), max(indices), {}
             for i, frame in enumerate(container.decode(stream)):  # decode order = presentation order, like decord
                 if i in wanted:
@@ -131,13 +131,14 @@ def _decode_frames(path, num_segments, bound):
         raise NanovlError(f"video {path} ended before frame {missing[0]} ({n} frames declared)")
     return [frames[i] for i in indices]
 
+
 def load_video(path, num_segments=8, max_num=1, bound=None, input_size=448):
     """A video file -> (pixel_values (frames x tiles, 3, 448, 448), tiles of each frame): num_segments frames sampled
     as the reference does, each tiled with max_num (1: one 448 tile per frame, as in the model cards)."""
     if not Path(path).is_file():
         raise NanovlError(f"video file not found: {path}")
     pixel_values, num_patches_list = [], []
-    for frame in _decode_frames(path, num_segments, bound):
+    for frame in read_frames(path, lambda n, fps: get_index(bound, fps, n - 1, first_idx=0, num_segments=num_segments)):
         tiles = load_image(frame, max_num=max_num, input_size=input_size, use_thumbnail=True)
         pixel_values.append(tiles)
         num_patches_list.append(tiles.shape[0])

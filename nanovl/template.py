@@ -139,6 +139,9 @@ def _legacy(template, tok, system, turns, counts, max_len, text_only):
         if t["from"] != ("human", "gpt")[j % 2]:
             raise NanovlError(f"turn {j + 1} is {t['from']!r}: the {template.labels} template needs human and gpt "
                               "turns in alternation")
+    if turns and turns[-1]["from"] == "human":  # internlm2-chat's walk would learn that user turn, the others mask all
+        raise NanovlError("the conversation ends with a human turn: the original's preprocess for this template "
+                          "then learns the user's text (internlm2-chat) or nothing at all (Hermes-2, phi3-chat)")
     prompt = template.system.format(system) + template.sep
     for t in turns:  # Conversation.get_prompt, MPT style: an empty message leaves the role open
         role = template.user if t["from"] == "human" else template.assistant

@@ -94,6 +94,55 @@ def parts(key: str, shape, cfg: InternVLConfig, fmt: str) -> list:
     return [(rename(k, rename_table(cfg, fmt)), rows) for k, rows in out]
 
 
+PEFT_PREFIX = re.compile(r"^(language_model|vision_model)\.base_model\.model\.")
+
+
+def peft_name(key: str) -> tuple[str, str | None]:
+    """A key of the original code's unmerged LoRA checkpoints (peft 0.10 names, e.g.
+    language_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight) -> (the original
+    name of the weight it belongs to, None | "A" | "B")."""
+    name = PEFT_PREFIX.sub(r"\1.", key).replace(".base_layer.", ".")
+    m = re.match(r"(.*)\.lora_([AB])(?:\.default)?\.weight$", name)
+    return (m[1] + ".weight", m[2]) if m else (name, None)
+
+
+@torch.no_grad()
+def merge_adapters(model, tensors: dict, scale: float) -> int:
+    """W += scale * B @ A for every LoRA pair in `tensors` (original / peft names), into nanovl's rows of W (InternLM2's
+    grouped wqkv included), computed in fp32; a tensor that is not a LoRA pair (a trained projector, say) replaces
+    the model's. -> the number of merged pairs."""
+    pairs, whole = {}, {}
+    for k, t in tensors.items():
+        name, kind = peft_name(k)
+        if kind:
+            pairs.setdefault(name, {})[kind] = t
+        else:
+            whole[name] = t
+    table = {ck: (key, rows) for key, t in model.state_dict().items() for ck, rows in parts(key, t.shape, model.config,
+                                                                                             "original")}
+    for name, t in whole.items():
+        if name not in table:
+            raise NanovlError(f"adapter file: {name} is no weight of this model")
+        key, rows = table[name]
+        w = model.get_parameter(key)
+        new = w.detach().clone()
+        new[slice(None) if rows is None else rows] = t.to(new)
+        w.data = new
+    for name, ab in pairs.items():
+        if name not in table or set(ab) != {"A", "B"}:
+            raise NanovlError(f"LoRA weights for {name}: {'no such weight in the model' if name not in table else 'A or B missing'}")
+        key, rows = table[name]
+        w = model.get_parameter(key)
+        merged = w.detach().float().clone()  # a new tensor: w may be memory-mapped
+        delta = scale * ab["B"].to(merged) @ ab["A"].to(merged)  # (rows, in)
+        if rows is None:
+            merged += delta
+        else:
+            merged[rows] += delta
+        w.data = merged.to(w.dtype)
+    return len(pairs)
+
+
 def unbuilt_vit_keys(model) -> dict:
     """The ViT blocks after select_layer, which nanovl does not build: name -> shape, as if they were built."""
     layers, cfg = model.vision_model.encoder.layers, model.config.vision_config
@@ -291,7 +340,7 @@ def read_into(path: Path, fmt: str, cfg: InternVLConfig, shapes: dict, dtype, de
     table = {ck: (key, rows) for key, shape in shapes.items() for ck, rows in parts(key, shape, cfg, fmt)}
     built = {int(m[1]) for k in shapes if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))}
     vit_block = re.compile(r"(?:model\.)?(?:vision_model|vision_tower)\.encoder\.layers?\.(\d+)\.")
-    canonical = (lambda ck: rename(ck, HF_OLD_PREFIXES)) if fmt == "hf" else (lambda ck: ck)
+    canonical = (lambda ck: rename(ck, HF_OLD_PREFIXES)) if fmt == "hf" else (lambda ck: peft_name(ck)[0])
     out, seen, unexpected, bad_shape = {}, set(), [], []
 
     def buffer(key):  # where a stacked, grouped or private tensor is assembled
@@ -306,6 +355,8 @@ def read_into(path: Path, fmt: str, cfg: InternVLConfig, shapes: dict, dtype, de
         return buffer(key)[rows] if isinstance(rows, slice) else None  # slices of dim 0 are contiguous views
 
     def wanted(ck):
+        if peft_name(ck)[1]:  # a LoRA A or B: merged after loading (merge_adapters)
+            return False
         if canonical(ck) in table:
             return True
         if strict and not ((m := vit_block.match(ck)) and int(m[1]) >= len(built)):  # a block after select_layer
@@ -354,6 +405,26 @@ def load_weights(model: torch.nn.Module, path: Path, fmt: str, dtype: torch.dtyp
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     cfg.llm_config.tie_word_embeddings = tied
     model.source = (path, fmt)  # where the ViT blocks after select_layer are, for saving
+    if fmt == "original" and any(peft_name(k)[1] for k in checkpoint_keys(path, fmt)):
+        # an unmerged LoRA checkpoint of the original code: alpha = 2r, so W + 2 B A (tools/merge_lora.py)
+        merge_adapters(model, dict(read_tensors(path, torch.float32, wanted=lambda k: bool(peft_name(k)[1]))), 2.0)
+        cfg.raw["use_llm_lora"] = cfg.raw["use_backbone_lora"] = 0
+
+
+def load_adapters(model, path: Path) -> int:
+    """Merge LoRA adapters saved alone (adapter_model.safetensors + adapter_config.json: nanovl.train
+    --save-lora-adapters) into a loaded model. -> the number of merged pairs."""
+    path = Path(path)
+    file, conf = path / "adapter_model.safetensors", path / "adapter_config.json"
+    if not file.exists() or not conf.exists():
+        raise NanovlError(f"{path} has no adapter_model.safetensors and adapter_config.json")
+    c = json.loads(conf.read_text())
+    header = safetensors_header(file)
+    tensors = {}
+    with safe_open(file, framework="pt") as f:
+        for k in header:
+            tensors[k] = f.get_tensor(k)
+    return merge_adapters(model, tensors, c["lora_alpha"] / c["r"])
 
 
 # -----------------------------------------------------------------------------

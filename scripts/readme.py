@@ -18,19 +18,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def layout() -> str:
-    rows, total = [], 0
-    for f in sorted((ROOT / "nanovl").glob("*.py")):
-        n = len(f.read_text().splitlines())
-        total += n
-        doc = (ast.get_docstring(ast.parse(f.read_text())) or "").splitlines()
-        rows.append(f"{f.name:<16}{n:>5}  {doc[0] if doc else ''}")
-    return "```\nnanovl/\n" + "\n".join("  " + r for r in rows) + f"\n  {'total':<16}{total:>5}\n```"
+    """nanovl/ (the library) and nanovl/train/ (fine-tuning, never imported by the library), with line counts."""
+    out, grand = [], 0
+    for folder in ("nanovl", "nanovl/train"):
+        rows, total = [], 0
+        for f in sorted((ROOT / folder).glob("*.py")):
+            n = len(f.read_text().splitlines())
+            total += n
+            doc = (ast.get_docstring(ast.parse(f.read_text())) or "").splitlines()
+            rows.append(f"{f.name:<16}{n:>5}  {doc[0] if doc else ''}")
+        indent = "  " * folder.count("/")
+        out += [f"{indent}{folder.split('/')[-1]}/"] + [f"{indent}  {r}" for r in rows] + \
+               [f"{indent}  {'total':<16}{total:>5}"]
+        grand += total
+    return "```\n" + "\n".join(out) + "\n```"
 
 
 def parity() -> str:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "diffs.json"
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_parity.py", "tests/test_families.py"],
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_parity.py", "tests/test_families.py",
+                        "tests/test_finetune.py"],
                        cwd=ROOT, check=True, env={**os.environ, "NANOVL_PARITY_REPORT": str(report)})
         diffs = json.loads(report.read_text())
     rows = "\n".join(f"| {name} | {'bit-identical' if d == 0 else f'{d:.1e}'} |" for name, d in diffs.items())
