@@ -124,8 +124,13 @@ class Attention(nn.Module):
             k, v = cache.update_static(self.layer, start, k, v)
         elif cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, n_kv, start+T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hd)
+        gqa = self.n_kv != self.n_head
+        if isinstance(mask, list):  # packed samples, one row: causal attention inside each (flash_attn_varlen_func)
+            y = torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=gqa)
+                           for qkv in zip(q.split(mask, 2), k.split(mask, 2), v.split(mask, 2))], dim=2)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=gqa)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
@@ -156,9 +161,12 @@ class Block(nn.Module):
 def attention_mask(start: int, T: int, key_mask=None, segment_ids=None, device=None, S=None):
     """Boolean (B, 1, T, S) mask (S = start+T by default), or None where SDPA's plain causal (or no) mask is exact.
     key_mask (B, >=S) marks real tokens (False = left padding); segment_ids (B, T) number the samples packed into
-    one row (training): a token sees only earlier tokens of its own sample (block-diagonal causal)."""
+    one row (training): a token sees only earlier tokens of its own sample (block-diagonal causal). One packed row
+    gives the list of its samples' lengths instead: attention then runs sample by sample, no T x T mask."""
     if key_mask is None and segment_ids is None and (start == 0 or T == 1) and S is None:
         return None
+    if segment_ids is not None and segment_ids.shape[0] == 1 and key_mask is None and start == 0 and S is None:
+        return torch.unique_consecutive(segment_ids[0], return_counts=True)[1].tolist()  # lengths, in order
     S = start + T if S is None else S
     key = torch.arange(S, device=device)[None, :]  # (1, S)
     query = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)

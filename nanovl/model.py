@@ -150,6 +150,7 @@ class InternVL(nn.Module):
         key names: q/k/v and gate/up un-stacked, InternLM2's wqkv re-grouped. For comparing with the original code."""
         return weights.original_state_dict(self, grads)
 
-    def save_pretrained(self, out_dir, dtype: torch.dtype = torch.bfloat16, max_shard_size: int = 5 * 10 ** 9):
+    def save_pretrained(self, out_dir, dtype: torch.dtype = torch.bfloat16, max_shard_size: int = 5 * 10 ** 9,
+                        state_dict: dict | None = None):
         """Write a checkpoint in the original OpenGVLab layout that nanovl and the original code load (weights.py)."""
-        return weights.save_pretrained(self, out_dir, dtype, max_shard_size)
+        return weights.save_pretrained(self, out_dir, dtype, max_shard_size, state_dict)

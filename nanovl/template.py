@@ -146,7 +146,7 @@ def _legacy(template, tok, system, turns, counts, max_len, text_only):
     for t in turns:  # Conversation.get_prompt, MPT style: an empty message leaves the role open
         role = template.user if t["from"] == "human" else template.assistant
         prompt += role + t["value"] + template.sep if t["value"] else role
-    if not text_only:
+    if not text_only:  # (an answer's <image> comes after the placeholders data.py counted: it stays text)
         if prompt.count("<image>") < len(counts):
             raise NanovlError(f"the conversation has {prompt.count('<image>')} <image> placeholder(s) for "
                               f"{len(counts)} image(s)")
@@ -168,7 +168,10 @@ def _legacy(template, tok, system, turns, counts, max_len, text_only):
         ignore(cur, cur + k)
         cur += k
         for piece in pieces[1:-1]:
-            answer, user = piece.split(template.user)  # ValueError in the original, too, if not exactly one
+            if piece.count(template.user) != 1:  # the original fails here too (a ValueError)
+                raise NanovlError(f"a turn contains the template's own {template.assistant!r} or {template.user!r} "
+                                  "text, which the internlm2-chat preprocess cannot take apart")
+            answer, user = piece.split(template.user)
             cur += n(answer) - 1
             k = n(template.user + user + template.assistant) - 1
             ignore(cur, cur + k)

@@ -15,7 +15,7 @@ FILES = {"json": ("tokenizer.json",), "bpe": ("vocab.json", "merges.txt"), "spm"
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
               r"|\s+(?!\S)|\s+")
 SPIECE = "\u2581"  # sentencepiece's visible space "▁"
-NORMAL, USER_DEFINED = 1, 4  # sentencepiece piece types
+NORMAL, USER_DEFINED, UNUSED = 1, 4, 5  # sentencepiece piece types
 
 
 def _json(path, name):
@@ -71,7 +71,11 @@ def _from_spm(path, added, cfg):
     pieces, trainer, norm = _read_spm(file)
     if trainer.get(3, 1) != 2 or norm.get(4, 1):  # model_type BPE; remove_extra_whitespaces is not supported
         raise NanovlError(f"{file}: only sentencepiece BPE models without remove_extra_whitespaces are supported")
-    names = [p for p, _, _ in pieces]
+    # an unused piece is never produced by sentencepiece (its text goes to byte fallback): keep its id, not its text;
+    # with byte fallback, sentencepiece also treats a piece "\0" as unused (sentencepiece_processor.cc)
+    fallback = bool(trainer.get(35, 0))
+    names = [f"<unused_piece_{i}>" if typ == UNUSED or (p == "\0" and fallback) else p
+             for i, (p, _, typ) in enumerate(pieces)]
     for c, a in sorted(added.items(), key=lambda kv: kv[1]["id"]):  # added tokens replace the pieces at their ids
         names += [f"<unused_{k}>" for k in range(len(names), a["id"] + 1)]
         names[a["id"]] = c

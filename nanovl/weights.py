@@ -430,18 +430,19 @@ def load_adapters(model, path: Path) -> int:
 # -----------------------------------------------------------------------------
 # writing the original layout
 
-def original_state_dict(model, grads: bool = False) -> dict:
+def original_state_dict(model, grads: bool = False, state_dict: dict | None = None) -> dict:
     """Every tensor of `model` under the ORIGINAL checkpoint's key names, q/k/v and gate/up un-stacked (InternLM2:
     re-grouped into wqkv). grads=True: each parameter's .grad under those names instead (None where it has none).
-    Adapters (keys with `.lora_`) are not included: nanovl.train.lora names them."""
+    state_dict: convert this one (a gathered or merged copy) instead of the model's. Adapters (keys with `.lora_`)
+    are not included: nanovl.train.lora names them."""
     out = {}
     params = dict(model.named_parameters())
-    for key, t in model.state_dict(keep_vars=True).items():
+    for key, t in (state_dict if state_dict is not None else model.state_dict(keep_vars=True)).items():
         if ".lora_" in key:
             continue
         if grads:
             t = params[key].grad if key in params else None
-        for ck, rows in parts(key, model.state_dict()[key].shape, model.config, "original"):
+        for ck, rows in parts(key, t.shape if t is not None else params[key].shape, model.config, "original"):
             out[ck] = None if t is None else (t if rows is None else t[rows]).detach()
     return out
 
@@ -462,13 +463,15 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json", "preprocessor_config.json")
 
 
-def save_pretrained(model, out_dir, dtype: torch.dtype = torch.bfloat16, max_shard_size: int = 5 * 10 ** 9) -> Path:
+def save_pretrained(model, out_dir, dtype: torch.dtype = torch.bfloat16, max_shard_size: int = 5 * 10 ** 9,
+                    state_dict: dict | None = None) -> Path:
     """Write `model` as a checkpoint in the original OpenGVLab layout: config.json, safetensors (sharded above
     max_shard_size bytes, with model.safetensors.index.json), and the source checkpoint's tokenizer files,
-    generation config and remote-code *.py files, so that nanovl.load and the original code both load it."""
+    generation config and remote-code *.py files, so that nanovl.load and the original code both load it.
+    state_dict: write these tensors (nanovl names; e.g. gathered from shards, LoRA merged) instead of the model's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {**original_state_dict(model), **carried_tensors(model, dtype)}
+    tensors = {**original_state_dict(model, state_dict=state_dict), **carried_tensors(model, dtype)}
     order = sorted(tensors, key=lambda k: (not k.startswith("vision_model."), not k.startswith("language_model."),
                                            _natural(k)))  # the original's module order: ViT, decoder, mlp1
     tensors = {k: tensors[k].to(dtype if tensors[k].is_floating_point() else tensors[k].dtype).contiguous()

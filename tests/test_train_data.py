@@ -238,3 +238,26 @@ def test_check_data_on_the_command_line(data, tmp_path, make_ckpt):
     assert f"{ann}:2: image file not found: {data.root / 'nope.png'}" in lines
     assert any(line.startswith(f"{ann}:3: not valid JSON") for line in lines)
     assert "2 of 4 samples are good, 2 bad" in r.stderr and lines[-1].startswith("error: 2 bad sample(s)")
+
+
+@pytest.mark.parametrize("template,tokdir", [("internvl2_5", "InternVL2_5-1B-MPO"), ("Hermes-2", "InternVL2-1B")])
+def test_single_image_placeholder_rule(data, tmp_path, template, tokdir):
+    """The original prepends '<image>\\n' to the first turn when it lacks one: an '<image>' written only in the answer
+    stays text there, the image goes before the question, and no image token is ever learned. (nanovl applies the
+    rule to the first human turn, so a leading system turn keeps its text.)"""
+    from nanovl.tokenizer import Tokenizer
+
+    fx.copy_tokenizer(fx.TOKENIZERS / tokdir, tmp_path)
+    tok = Tokenizer(tmp_path)
+    meta = data([qa("What is it?", "It is an <image> of a cat.", image="b.png"),
+                 {"image": "b.png", "conversations": [{"from": "system", "value": "Be brief."},
+                                                      {"from": "human", "value": "<image>\nWhat?"},
+                                                      {"from": "gpt", "value": "A cat."}]}])
+    d = SupervisedDataset(meta, tok, template=template, num_image_token=N_TOK, image_size=56, max_dynamic_patch=1)
+    for item in (d[0], d[1]):
+        text = tok.decode(item["input_ids"], skip_special_tokens=False)
+        assert tok.token_to_id("<IMG_CONTEXT>") not in item["labels"].tolist()
+        assert text.count("<img>") == 1
+    first = tok.decode(d[0]["input_ids"], skip_special_tokens=False)
+    assert first.index("<img>") < first.index("What is it?") and "an <image> of a cat" in first
+    assert "Be brief.<|im_end|>" in tok.decode(d[1]["input_ids"], skip_special_tokens=False)

@@ -7,7 +7,7 @@ Imports nanovl; nanovl never imports it.
     finetune(TrainArgs(model="OpenGVLab/InternVL3-1B", meta="meta.json", output="out/"))   # python -m nanovl.train
 """
 from nanovl.train.data import BadSample, SupervisedDataset, collate
-from nanovl.train.lora import add_lora, lora_state_dict, merge_lora
+from nanovl.train.lora import add_lora, lora_state_dict, merge_lora, merge_lora_state
 from nanovl.train.loss import compute_loss, token_weights
 from nanovl.train.trainer import TrainArgs, finetune
 

@@ -26,6 +26,14 @@ HELP = {
     "loss_reduction": "token (mean over learned tokens), sample (1/x) or square (1/sqrt(x)); x = a sample's learned "
                       "tokens (the original applies sample/square only to packed data)",
     "loss_reduction_all_gather": "average the loss denominator over processes (the global weighted mean)",
+    "use_packed_ds": "pack several samples into each row (block-diagonal causal attention, positions restarting per "
+                     "sample, image blocks never split); needs --max-steps and --per-device-batch-size 1",
+    "max_packed_tokens": "tokens per packed row",
+    "num_images_expected": "tiles per packed row",
+    "max_buffer_size": "rows being filled at once; past it the one with most tiles is used as it is",
+    "strict_mode": "pad each packed row to --max-packed-tokens tokens and --num-images-expected tiles (the original's "
+                   "default; its 2.5/3 recipes use --no-strict-mode)",
+    "allow_overflow": "let a sample join a row it overflows once half the buffers are in use (the row is then cut)",
     "freeze_backbone": "freeze the ViT (default: on, the 2nd-finetune recipe)",
     "freeze_llm": "freeze the language model",
     "freeze_mlp": "freeze the projector mlp1 (default: frozen with LoRA, as the LoRA recipe; trained otherwise)",

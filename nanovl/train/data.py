@@ -22,7 +22,7 @@ from PIL import Image
 
 from nanovl.errors import NanovlError
 from nanovl.preprocess import dynamic_preprocess, open_image, read_frames, to_tensor
-from nanovl.template import IGNORE, IMG_END, TEMPLATES, tokenize_conversation
+from nanovl.template import IGNORE, IMG_CONTEXT, IMG_END, TEMPLATES, tokenize_conversation
 
 
 class BadSample(NanovlError):
@@ -127,10 +127,11 @@ def parse_line(text: str) -> tuple[list, list, str | None, list | None, bool]:
 
 
 def _placeholder(turns: list, tag: str) -> None:
-    """The original prepends '<image>\\n' (or '<video>\\n') to the first turn when no turn of it has the tag. nanovl
-    puts it in the first human turn: the original's choice of a leading system turn drops the sample."""
-    if not any(tag in t["value"] for t in turns):
-        first = next((t for t in turns if t["from"] == "human"), turns[0])
+    """The original prepends '<image>\n' (or '<video>\n') to the first turn when it lacks the tag. nanovl does so for
+    the first human turn: the same whenever the data starts with the user (the usual case); a leading system turn
+    would otherwise get the placeholder, which breaks the sample (or leaves the tag as text in the system prompt)."""
+    first = next((t for t in turns if t["from"] == "human"), turns[0])
+    if tag not in first["value"]:
         first["value"] = tag + "\n" + first["value"]
 
 
@@ -213,7 +214,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.min_num_frame, self.max_num_frame, self.sampling_method = min_num_frame, max_num_frame, sampling_method
         self.num_image_token, self.image_size, self.seed, self.epoch = num_image_token, image_size, seed, 0
         self.skip_bad, self.bad = skip_bad, {}  # bad: "file:line" -> reason
-        self.img_end_id = tokenizer.token_to_id(IMG_END)
+        self.img_end_id, self.img_context_id = tokenizer.token_to_id(IMG_END), tokenizer.token_to_id(IMG_CONTEXT)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -279,8 +280,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         else:  # pure text: a white 224x224 image runs through the ViT and is dropped (image_flags 0)
             white = Image.new("RGB", (224, 224), (255, 255, 255))
             pixel_values, counts, flags = torch.stack(tiles_of(white, 1)), [], 0
-        scanned = [t for t in turns if t["from"] == "human" or TEMPLATES[self.template].labels != "segments"]
-        placeholders = sum(t["value"].count("<image>") for t in scanned)  # where the template expands them
+        placeholders = sum(t["value"].count("<image>") for t in turns if t["from"] != "gpt")  # an answer's is text
         if counts and placeholders != len(counts):  # the original drops too few, and keeps extra ones as text
             raise BadSample(f"{placeholders} <image> placeholder(s) for {len(counts)} image(s)")
         ids, labels, warning = tokenize_conversation(self.template, self.tokenizer, turns, counts,
@@ -290,6 +290,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if counts and ids.count(self.img_end_id) != len(counts):
             raise BadSample(f"image tokens are cut by truncation at max_seq_length {self.max_seq_length} "
                             f"({sum(counts)} image tokens in {len(counts)} image(s))")
+        if self.img_context_id in labels:  # e.g. a legacy template expanding an <image> written in an answer
+            raise BadSample("image tokens would be learned: an <image> placeholder sits where an answer is")
         if all(label == IGNORE for label in labels):
             raise BadSample("no learned token (no answer, or every answer is cut by truncation)")
         return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), position_ids=torch.arange(len(ids)),

@@ -106,22 +106,38 @@ def merge_lora(model) -> int:
     return n
 
 
-def lora_state_dict(model, grads: bool = False) -> dict:
+def lora_state_dict(model, grads: bool = False, state_dict: dict | None = None) -> dict:
     """The LoRA tensors (or their .grad) under the original's unmerged checkpoint names, per target projection:
     language_model.base_model.model.<module>.lora_A.default.weight (r, in) and .lora_B.default.weight (out, r),
-    vision_model.base_model.model.<module>... (peft 0.10 key names, as modeling_internvl_chat writes them)."""
+    vision_model.base_model.model.<module>... (peft 0.10 key names, as modeling_internvl_chat writes them).
+    state_dict: read the tensors from it (a gathered one under FSDP) instead of the modules."""
     out = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoRALinear):
             continue
         ckpt = parts(name + ".weight", module.weight.shape, model.config, "original")
-        starts = [sum(module.sizes[:i]) for i in range(len(module.sizes))]
-        for (ck, rows), a, b, s in zip(ckpt, module.lora_A, module.lora_B, starts):
+        for i, ((ck, rows), a, b) in enumerate(zip(ckpt, module.lora_A, module.lora_B)):
             part, sub = ck.split(".", 1)  # language_model / vision_model, then the module path inside it
             key = f"{part}.base_model.model.{sub.removesuffix('.weight')}"
             A, B = (a.grad, b.grad) if grads else (a, b)
+            if state_dict is not None:
+                A, B = state_dict[f"{name}.lora_A.{i}"], state_dict[f"{name}.lora_B.{i}"]
             if B is not None and isinstance(rows, torch.Tensor):  # InternLM2's wqkv: B rows regrouped
                 B = B[rows]
             out[f"{key}.lora_A.default.weight"] = None if A is None else A.detach()
             out[f"{key}.lora_B.default.weight"] = None if B is None else B.detach()
+    return out
+
+
+@torch.no_grad()
+def merge_lora_state(model, state_dict: dict) -> dict:
+    """A state dict of `model` (LoRA modules included) with every LoRA merged into its weight (computed in fp32) and
+    the adapters removed: the tensors of the plain model."""
+    out = {k: v for k, v in state_dict.items() if ".lora_" not in k}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            w = state_dict[name + ".weight"]
+            delta = torch.cat([state_dict[f"{name}.lora_B.{i}"].float() @ state_dict[f"{name}.lora_A.{i}"].float()
+                               for i in range(len(module.sizes))]) * module.scale
+            out[name + ".weight"] = (w.float() + delta).to(w.dtype)
     return out

@@ -19,9 +19,12 @@ import torch
 import nanovl
 from nanovl.errors import NanovlError
 from nanovl.train import distributed as dist_utils
-from nanovl.train.data import SupervisedDataset, collate
-from nanovl.train.lora import add_lora, lora_state_dict, merge_lora
+from nanovl.train.data import SupervisedDataset
+from nanovl import weights
+from nanovl.train.lora import add_lora, lora_state_dict, merge_lora_state
 from nanovl.train.loss import REDUCTIONS, compute_loss
+from nanovl.train.packing import Packer
+from nanovl.train.stream import Batches, PackedBatches
 
 # the original "2nd fine-tune" recipes (internvl_chat/shell/*/2nd_finetune/*.sh): frozen ViT, MLP + LLM trained
 RECIPES = {
@@ -53,6 +56,12 @@ class TrainArgs:
     data_augment: bool = False  # for datasets whose meta entry does not say
     loss_reduction: str = "token"
     loss_reduction_all_gather: bool = False
+    use_packed_ds: bool = False  # packed sequences (needs --max-steps, one row per micro-batch)
+    max_packed_tokens: int = 8192
+    num_images_expected: int = 40
+    max_buffer_size: int = 20
+    strict_mode: bool = True  # pad every packed row to max_packed_tokens and num_images_expected tiles
+    allow_overflow: bool = False
     freeze_backbone: bool = True
     freeze_llm: bool = False
     freeze_mlp: bool | None = None  # None: frozen with LoRA (the LoRA recipe), trained otherwise
@@ -115,10 +124,8 @@ def configure(model, args: TrainArgs) -> list:
         model.language_model.lm_head.requires_grad_(True)
     if args.use_backbone_lora:
         add_lora(model, "vit", args.use_backbone_lora, dropout=args.lora_dropout)
-        model.config.raw["use_backbone_lora"] = args.use_backbone_lora
     if args.use_llm_lora:
         add_lora(model, "llm", args.use_llm_lora, dropout=args.lora_dropout)
-        model.config.raw["use_llm_lora"] = args.use_llm_lora
     if args.freeze_mlp or (args.freeze_mlp is None and (args.use_llm_lora or args.use_backbone_lora)):
         model.mlp1.requires_grad_(False)
     if args.unfreeze_vit_layers:
@@ -149,6 +156,7 @@ class MasterAdamW:
     @torch.no_grad()
     def step(self, max_grad_norm: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.masters, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded (FSDP): the global norm
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         for p, m in zip(self.params, self.masters):
@@ -156,9 +164,14 @@ class MasterAdamW:
                 p.copy_(m)
         return float(norm)
 
+    def named(self, sd: dict) -> dict:
+        """torch's optimizer state (parameters by index) -> by parameter name, as FSDP's full state dict has it."""
+        return {"state": {self.names[i]: v for i, v in sd["state"].items()},
+                "param_groups": [dict(g, params=[self.names[i] for i in g["params"]]) for g in sd["param_groups"]]}
+
     def state_dict(self) -> dict:
         return {"masters": {n: m.detach().clone() for n, m in zip(self.names, self.masters)},
-                "optimizer": self.opt.state_dict()}
+                "optimizer": self.named(self.opt.state_dict())}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -166,7 +179,10 @@ class MasterAdamW:
             m.copy_(state["masters"][n])
             if m is not p:
                 p.copy_(m)
-        self.opt.load_state_dict(state["optimizer"])
+        index, opt = {n: i for i, n in enumerate(self.names)}, state["optimizer"]
+        self.opt.load_state_dict({"state": {index[n]: v for n, v in opt["state"].items()},
+                                  "param_groups": [dict(g, params=[index[n] for n in g["params"]])
+                                                   for g in opt["param_groups"]]})
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -237,7 +253,7 @@ def finetune(args: TrainArgs) -> Path:
         (lambda *a: None)
     _seed(args.seed)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    model = nanovl.load(args.model, dtype=dtype, device=ctx.device)
+    model = nanovl.load(args.model, dtype=ctx.load_dtype(dtype), device=ctx.device)
     if model.tokenizer is None:
         raise NanovlError(f"{args.model} has no tokenizer files: training needs them")
     gen, chosen = recipe(args, args.model)
@@ -258,6 +274,9 @@ def finetune(args: TrainArgs) -> Path:
         sampling_method=args.sampling_method, skip_bad=args.skip_bad_samples)
     if args.check_data:
         return check_data(dataset, say)
+    if args.use_packed_ds and (args.max_steps <= 0 or args.per_device_batch_size != 1):
+        raise NanovlError("--use-packed-ds needs --max-steps (a packed stream has no length, as the original) and "
+                          "--per-device-batch-size 1 (one packed row per micro-batch)")
     if args.template:
         c.template = args.template
     c.max_dynamic_patch, c.min_dynamic_patch = args.max_dynamic_patch, dataset.min_dynamic_patch
@@ -269,66 +288,67 @@ def finetune(args: TrainArgs) -> Path:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = MasterAdamW(named, args.learning_rate, args.weight_decay)
 
-    per_step = args.per_device_batch_size * args.gradient_accumulation_steps * ctx.world
-    steps_per_epoch = max(1, math.ceil(len(dataset) / per_step))
-    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    if args.use_packed_ds:
+        packer = Packer(model.tokenizer, c.num_image_token, args.max_packed_tokens, args.num_images_expected,
+                        args.max_buffer_size, args.strict_mode, args.allow_overflow)
+        stream = PackedBatches(dataset, packer, args.gradient_accumulation_steps, ctx.rank, ctx.world, args.seed,
+                               args.dataloader_num_workers, args.max_packed_tokens if args.strict_mode else 0)
+        total, what = args.max_steps, (f"packed rows of <= {args.max_packed_tokens} tokens and "
+                                       f"{args.num_images_expected} tiles")
+    else:
+        stream = Batches(dataset, args.per_device_batch_size, args.gradient_accumulation_steps, ctx.rank, ctx.world,
+                         args.seed, args.dataloader_num_workers)
+        total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * stream.steps_per_epoch())
+        what = f"{args.per_device_batch_size} samples"
     warmup = args.warmup_steps or math.ceil(total * args.warmup_ratio)
-    say(f"[{len(dataset)} samples, {total} steps of {per_step} samples ({ctx.world} process(es) x "
-        f"{args.per_device_batch_size} x {args.gradient_accumulation_steps} accumulated), warmup {warmup}, "
-        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, {args.dtype} on {ctx.device}]")
+    say(f"[{len(dataset)} samples, {total} steps of {ctx.world} process(es) x {args.gradient_accumulation_steps} "
+        f"micro-batch(es) of {what}, warmup {warmup}, {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable "
+        f"parameters, {args.dtype} on {ctx.device}]")
 
     step, metrics = 0, []
     if args.resume:
-        step, metrics = resume(args, out, opt, dataset)
+        step, metrics = resume(args, out, model, opt, stream, ctx)
         say(f"[resumed at step {step} from {args.resume}]")
     out.mkdir(parents=True, exist_ok=True)
     if ctx.rank == 0:
         (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
-    progress, t0, tokens_seen, bad = Progress(total, args.quiet or ctx.rank != 0), time.perf_counter(), 0, {}
+    progress, t0, tokens_seen, last = Progress(total, args.quiet or ctx.rank != 0), time.perf_counter(), 0, None
     log = open(out / "metrics.jsonl", "w") if ctx.rank == 0 else None
     for row in metrics if log else []:  # a resumed run's file starts with the steps before the checkpoint
         log.write(json.dumps(row) + "\n")
-    while step < total:
-        epoch, first = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-        order += order[:(-len(order)) % per_step]  # the last step of an epoch is filled from its start
-        micro = [order[k:k + args.per_device_batch_size] for k in range(0, len(order), args.per_device_batch_size)]
-        micro = micro[ctx.rank::ctx.world]  # this process's micro-batches
-        loader = torch.utils.data.DataLoader(
-            micro[first * args.gradient_accumulation_steps:], batch_size=None,
-            collate_fn=lambda idx: collate([dataset[i] for i in idx]), num_workers=args.dataloader_num_workers)
-        batches = iter(loader)
-        for step in range(step + 1, min(total, (epoch + 1) * steps_per_epoch) + 1):
-            lr = args.learning_rate * cosine_with_warmup(step - 1, warmup, total)
-            for group in opt.opt.param_groups:
-                group["lr"] = lr
-            losses, n_tokens, n_learned = [], 0, 0
-            for _ in range(args.gradient_accumulation_steps):
-                batch = next(batches)
-                bad.update(batch.pop("bad", {}) if batch else {})
-                if not batch:  # every sample of this micro-batch was bad (and skipped)
-                    continue
-                loss, _, _, learned = compute_loss(model, batch, args.loss_reduction, args.loss_reduction_all_gather,
-                                                   return_parts=True)
-                (loss / args.gradient_accumulation_steps).backward()
-                opt.accumulate()
+    steps = iter(stream)
+    for step in range(step + 1, total + 1):
+        lr = args.learning_rate * cosine_with_warmup(step - 1, warmup, total)
+        for group in opt.opt.param_groups:
+            group["lr"] = lr
+        losses, n_tokens, n_learned = [], 0, 0
+        for batch in next(steps):
+            if not batch and (ctx.world == 1 or last is None):  # every sample of it was bad (and skipped)
+                continue
+            if not batch:  # the other processes still need this one's share of the sharded model: learn nothing
+                batch = dict(last, labels=torch.full_like(last["labels"], -100))
+            last = batch
+            loss, _, _, learned = compute_loss(model, batch, args.loss_reduction, args.loss_reduction_all_gather,
+                                               return_parts=True)
+            (loss / args.gradient_accumulation_steps).backward()
+            opt.accumulate()
+            if learned:
                 losses.append(loss.item())
-                n_tokens += int(batch["attention_mask"].sum())
-                n_learned += learned
-            ctx.sync_grads(opt)
-            grad_norm = opt.step(args.max_grad_norm)
-            loss_value = ctx.mean(sum(losses) / max(len(losses), 1))
-            tokens_seen += ctx.sum(n_tokens)
-            row = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=ctx.sum(n_tokens),
-                       learned_tokens=ctx.sum(n_learned), seconds=round(time.perf_counter() - t0, 3))
-            metrics.append(row)
-            if log:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            progress.update(step, loss_value, lr, tokens_seen)
-            if args.save_steps and step % args.save_steps == 0 and step < total:
-                save_checkpoint(model, opt, args, out / f"checkpoint-{step}", step, metrics, ctx)
+            n_tokens += int(batch["attention_mask"].sum()) if learned else 0
+            n_learned += learned
+        grad_norm = opt.step(args.max_grad_norm)
+        loss_value = ctx.mean(sum(losses) / max(len(losses), 1))
+        tokens_seen += ctx.sum(n_tokens)
+        row = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=ctx.sum(n_tokens),
+                   learned_tokens=ctx.sum(n_learned), seconds=round(time.perf_counter() - t0, 3))
+        metrics.append(row)
+        if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        progress.update(step, loss_value, lr, tokens_seen)
+        if args.save_steps and step % args.save_steps == 0 and step < total:
+            save_checkpoint(model, opt, args, out / f"checkpoint-{step}", step, metrics, stream, ctx)
+    bad = stream.bad
     if log:
         log.close()
     if bad:
@@ -387,14 +407,18 @@ def _seed(seed: int) -> None:
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(model, opt, args, path: Path, step: int, metrics: list, ctx) -> None:
-    """checkpoint-N/: the model (original layout, bf16) and training_state.pt (fp32 masters, optimizer, step, RNG,
-    metrics), enough to continue exactly where the run was; older ones beyond save_total_limit are removed."""
-    state = opt.state_dict()
+def save_checkpoint(model, opt, args, path: Path, step: int, metrics: list, stream, ctx) -> None:
+    """checkpoint-N/: the model (original layout) and training_state.pt (fp32 masters, optimizer, step, RNG, metrics,
+    the data position), enough to continue exactly where the run was; older ones beyond save_total_limit are
+    removed. Several processes: the full (gathered) state, so that any number of processes can resume it; each
+    packing process adds its own data_state_rank<r>.pt (its buffers)."""
+    trainer = ctx.gather_trainer_state(model, opt)
+    save_model(model, path, args, ctx)
+    if args.use_packed_ds:
+        torch.save(stream.state(), path / f"data_state_rank{ctx.rank}.pt")
     if ctx.rank == 0:
-        save_model(model, path, args)
-        torch.save(dict(trainer=state, step=step, metrics=metrics, rng=_rng_state(), world=ctx.world),
-                   path / "training_state.pt")
+        torch.save(dict(trainer=trainer, step=step, metrics=metrics, rng=_rng_state(), world=ctx.world,
+                        data=None if args.use_packed_ds else stream.state()), path / "training_state.pt")
         if args.save_total_limit:
             old = sorted(path.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             for p in old[:-args.save_total_limit]:
@@ -402,7 +426,7 @@ def save_checkpoint(model, opt, args, path: Path, step: int, metrics: list, ctx)
     ctx.barrier()
 
 
-def resume(args, out: Path, opt, dataset) -> tuple[int, list]:
+def resume(args, out: Path, model, opt, stream, ctx) -> tuple[int, list]:
     path = Path(args.resume)
     if args.resume == "auto":
         found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -413,11 +437,17 @@ def resume(args, out: Path, opt, dataset) -> tuple[int, list]:
         raise NanovlError(f"--resume {path}: no training_state.pt (a checkpoint-N folder of a nanovl run)")
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     try:
-        opt.load_state_dict(state["trainer"])
+        ctx.load_trainer_state(model, opt, state["trainer"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise NanovlError(f"--resume {path}: the checkpoint's trainable parameters do not match this run's "
                           f"(other --freeze / --use-*-lora flags?): {e}") from None
-    _set_rng_state(state["rng"])
+    if args.use_packed_ds:
+        rank_file = path / f"data_state_rank{min(ctx.rank, state['world'] - 1)}.pt"
+        stream.load_state(torch.load(rank_file, map_location="cpu", weights_only=False))
+    elif state.get("data"):
+        stream.load_state(state["data"])
+    if state["world"] == ctx.world:  # the same processes: the same random streams (drop path, LoRA dropout)
+        _set_rng_state(state["rng"])
     return state["step"], state["metrics"]
 
 
@@ -436,44 +466,36 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_model(model, path: Path, args) -> None:
-    """The model in the original layout with LoRA merged (a copy: training goes on with the adapters)."""
-    import copy
-    merged = copy.deepcopy(model) if any(".lora_" in n for n, _ in model.named_parameters()) else model
-    merge_lora(merged)
-    merged.config.raw["use_llm_lora"] = merged.config.raw["use_backbone_lora"] = 0
-    merged.save_pretrained(path, dtype=_dtype(args))
+def save_model(model, path: Path, args, ctx) -> None:
+    """The model in the original layout with LoRA merged (training goes on with the adapters). Several processes:
+    the sharded model is gathered first; process 0 writes."""
+    sd = ctx.full_state_dict(model)
+    if ctx.rank == 0:
+        model.save_pretrained(path, dtype=_dtype(args), state_dict=merge_lora_state(model, sd))
+    ctx.barrier()
 
 
 def save_final(model, args, out: Path, ctx) -> None:
     """The output directory: the merged model in the original layout (default), or with --save-lora-adapters the
-    adapters alone (adapter_model.safetensors under the original's peft names + adapter_config.json)."""
-    if ctx.rank != 0:
-        return ctx.barrier()
-    if args.save_lora_adapters and (args.use_llm_lora or args.use_backbone_lora):
+    adapters alone (adapter_model.safetensors under the original's peft names + adapter_config.json), with any
+    other trained tensor."""
+    if not (args.save_lora_adapters and (args.use_llm_lora or args.use_backbone_lora)):
+        return save_model(model, out, args, ctx)
+    sd = ctx.full_state_dict(model)
+    if ctx.rank == 0:
         from safetensors.torch import save_file
-        adapters = lora_state_dict(model)
+        adapters = lora_state_dict(model, state_dict=sd)
         names = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
         if names:  # other trained tensors (mlp1, unfrozen layers) travel with the adapters: nothing is lost
-            adapters.update({k: v for k, v in model.original_state_dict().items()
-                             if any(_same(k, n, model) for n in names)})
-        adapters = {k: v.to(_dtype(args)).contiguous() for k, v in adapters.items()}
-        save_file(adapters, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+            base = weights.original_state_dict(model, state_dict={k: v for k, v in sd.items() if k in names})
+            adapters.update(base)
+        save_file({k: v.to(_dtype(args)).contiguous() for k, v in adapters.items()},
+                  str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         (out / "adapter_config.json").write_text(json.dumps(dict(
             base_model=str(args.model), r=args.use_llm_lora or args.use_backbone_lora,
             lora_alpha=2 * (args.use_llm_lora or args.use_backbone_lora), lora_dropout=args.lora_dropout,
             use_llm_lora=args.use_llm_lora, use_backbone_lora=args.use_backbone_lora), indent=2) + "\n")
-    else:
-        merge_lora(model)
-        model.config.raw["use_llm_lora"] = model.config.raw["use_backbone_lora"] = 0
-        model.save_pretrained(out, dtype=_dtype(args))
     ctx.barrier()
-
-
-def _same(original_key: str, name: str, model) -> bool:
-    """Is checkpoint tensor `original_key` (a part of) nanovl parameter `name`?"""
-    from nanovl.weights import parts
-    return any(ck == original_key for ck, _ in parts(name, model.get_parameter(name).shape, model.config, "original"))
 
 
 def _dtype(args) -> torch.dtype:
