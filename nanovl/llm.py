@@ -272,5 +272,7 @@ def token_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, ch
     pieces = [checkpoint(ce, h[i:i + chunk], y[i:i + chunk], use_reentrant=False) if len(h) > chunk and
               torch.is_grad_enabled() else ce(h[i:i + chunk], y[i:i + chunk]) for i in range(0, len(h), chunk)]
     out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    out[:, 1:][rows] = torch.cat(pieces) if pieces else out.new_zeros(0)
+    if not pieces:  # nothing to learn: still part of the graph (every process of a sharded model runs backward)
+        return out + 0 * hidden.sum()
+    out[:, 1:][rows] = torch.cat(pieces)
     return out

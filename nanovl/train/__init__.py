@@ -9,7 +9,9 @@ Imports nanovl; nanovl never imports it.
 from nanovl.train.data import BadSample, SupervisedDataset, collate
 from nanovl.train.lora import add_lora, lora_state_dict, merge_lora, merge_lora_state
 from nanovl.train.loss import compute_loss, token_weights
+from nanovl.train.mpo import PreferenceDataset, RunningMean, collate_pairs, mpo_loss
 from nanovl.train.trainer import TrainArgs, finetune
 
 __all__ = ["SupervisedDataset", "collate", "compute_loss", "token_weights", "BadSample", "TrainArgs", "finetune",
+           "PreferenceDataset", "collate_pairs", "mpo_loss", "RunningMean",
            "add_lora", "merge_lora", "lora_state_dict"]

@@ -34,7 +34,13 @@ HELP = {
     "strict_mode": "pad each packed row to --max-packed-tokens tokens and --num-images-expected tiles (the original's "
                    "default; its 2.5/3 recipes use --no-strict-mode)",
     "allow_overflow": "let a sample join a row it overflows once half the buffers are in use (the row is then cut)",
-    "freeze_backbone": "freeze the ViT (default: on, the 2nd-finetune recipe)",
+    "mpo": "preference training (MPO) on {question, chosen, rejected} pairs: sigmoid + bco_pair + sft losses against "
+           "a frozen reference (with LoRA: the adapters switched off)",
+    "beta": "MPO: the DPO temperature of the sigmoid and bco_pair terms",
+    "sigmoid_loss_weight": "MPO: weight of the preference (sigmoid) term",
+    "bco_pair_loss_weight": "MPO: weight of the quality (bco_pair) term",
+    "rpo_alpha": "MPO: weight of the generation term (token-mean cross-entropy of the chosen answers)",
+    "freeze_backbone": "freeze the ViT (default: the recipe's: frozen for fine-tuning, trained for MPO)",
     "freeze_llm": "freeze the language model",
     "freeze_mlp": "freeze the projector mlp1 (default: frozen with LoRA, as the LoRA recipe; trained otherwise)",
     "unfreeze_lm_head": "train the output head even with a frozen language model (a no-op in the original)",

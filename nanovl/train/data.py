@@ -240,8 +240,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return {"bad": {self.where(i): reason}}
 
     def item(self, i: int) -> dict:
-        source, _, text = self.index[i]
-        turns, images, video, clip, single = parse_line(text)
+        turns, images, video, clip, single = parse_line(self.index[i][2])
+        pixel_values, counts, flags = self.media(i, turns, images, video, clip, single)
+        ids, labels = self.tokens(turns, counts)
+        return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), position_ids=torch.arange(len(ids)),
+                    pixel_values=pixel_values, image_flags=torch.full((len(pixel_values),), flags))
+
+    @staticmethod
+    def frame_prompt(n: int) -> str:
+        """What '<video>\\n' becomes: 'Frame-1: <image>\\n' ... (internvl_chat_finetune.py video_get_item)."""
+        return "".join(f"Frame-{k + 1}: <image>\n" for k in range(n))
+
+    def media(self, i, turns, images, video, clip, single):
+        """Sample i's tiles, with its placeholders expanded in `turns` (in place) for the video frames.
+        -> (pixel_values (tiles, 3, 448, 448), <IMG_CONTEXT> count of each image, image_flags value)."""
+        source = self.index[i][0]
         rng = np.random.default_rng([self.seed, self.epoch, i])
         augment = source.data_augment
         max_tiles = source.max_dynamic_patch or self.max_dynamic_patch
@@ -262,9 +275,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 _placeholder(turns, "<image>")  # a single image: the original adds the placeholder if missing
             max_num = max_tiles if len(images) == 1 else max(1, max_tiles // len(images))
             per_image = [tiles_of(open_image(path(p)), max_num) for p in images]
-            counts, flags = [self.num_image_token * len(t) for t in per_image], 1
-            pixel_values = torch.stack([t for tiles in per_image for t in tiles])
-        elif video:
+            return torch.stack([t for tiles in per_image for t in tiles]), \
+                [self.num_image_token * len(t) for t in per_image], 1
+        if video:
             _placeholder(turns, "<video>")
             n = int(rng.integers(self.min_num_frame, self.max_num_frame + 1))
             frames = read_video(path(video), n, self.sampling_method, rng, clip)
@@ -272,14 +285,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if "<video>\n" not in first["value"]:
                 raise BadSample("the <video> placeholder must be followed by a newline (the original replaces "
                                 "'<video>\\n')")
-            first["value"] = first["value"].replace(
-                "<video>\n", "".join(f"Frame-{k + 1}: <image>\n" for k in range(len(frames))), 1)
+            first["value"] = first["value"].replace("<video>\n", self.frame_prompt(len(frames)), 1)
             pixel_values = torch.stack([to_tensor(jpeg_degrade(f, int(rng.integers(75, 101))) if augment else f,
                                                   self.image_size) for f in frames])  # one tile a frame
-            counts, flags = [self.num_image_token] * len(frames), 1
-        else:  # pure text: a white 224x224 image runs through the ViT and is dropped (image_flags 0)
-            white = Image.new("RGB", (224, 224), (255, 255, 255))
-            pixel_values, counts, flags = torch.stack(tiles_of(white, 1)), [], 0
+            return pixel_values, [self.num_image_token] * len(frames), 1
+        white = Image.new("RGB", (224, 224), (255, 255, 255))  # pure text: a dummy tile the model drops (flag 0)
+        return torch.stack(tiles_of(white, 1)), [], 0
+
+    def tokens(self, turns, counts) -> tuple[list, list]:
+        """The template's input_ids and labels of `turns`, with every check of a trainable sample."""
         placeholders = sum(t["value"].count("<image>") for t in turns if t["from"] != "gpt")  # an answer's is text
         if counts and placeholders != len(counts):  # the original drops too few, and keeps extra ones as text
             raise BadSample(f"{placeholders} <image> placeholder(s) for {len(counts)} image(s)")
@@ -294,8 +308,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise BadSample("image tokens would be learned: an <image> placeholder sits where an answer is")
         if all(label == IGNORE for label in labels):
             raise BadSample("no learned token (no answer, or every answer is cut by truncation)")
-        return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), position_ids=torch.arange(len(ids)),
-                    pixel_values=pixel_values, image_flags=torch.full((len(pixel_values),), flags))
+        return ids, labels
 
     def check(self, progress=None) -> int:
         """The --check-data pass: preprocess every sample (nothing trains). -> the number of good samples; the bad

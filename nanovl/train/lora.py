@@ -46,9 +46,12 @@ class LoRALinear(nn.Module):
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft's default init
         self.dropout = nn.ModuleList(nn.Dropout(dropout) for _ in sizes)  # one per target module, as peft
+        self.enabled = True  # False: the base layer alone (the reference model of preference training)
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
         delta = [F.linear(F.linear(drop(x), a), b) for drop, a, b in zip(self.dropout, self.lora_A, self.lora_B)]
         return y + torch.cat(delta, dim=-1) * self.scale  # (..., out): each pair's rows in place
 
@@ -93,6 +96,22 @@ def add_lora(model, part: str, r: int, alpha: float | None = None, dropout: floa
         setattr(parent, attr, lora)
         new += list(lora.lora_A) + list(lora.lora_B)
     return new
+
+
+class adapters_disabled:
+    """with adapters_disabled(model): the model without its LoRA deltas (peft's disable_adapter): the base model, the
+    reference of MPO, with no second copy in memory."""
+
+    def __init__(self, model):
+        self.modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+    def __enter__(self):
+        for m in self.modules:
+            m.enabled = False
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.enabled = True
 
 
 def merge_lora(model) -> int:

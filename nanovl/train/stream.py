@@ -24,9 +24,10 @@ def _loader(items, fetch, workers):
 class Batches:
     """Right-padded micro-batches; iterate for the GA micro-batches of each optimizer step."""
 
-    def __init__(self, dataset, batch_size, accumulation, rank=0, world=1, seed=42, workers=0):
+    def __init__(self, dataset, batch_size, accumulation, rank=0, world=1, seed=42, workers=0, collate_fn=collate):
         self.dataset, self.b, self.ga, self.rank, self.world, self.seed = dataset, batch_size, accumulation, rank, \
             world, seed
+        self.collate = collate_fn
         self.workers, self.epoch, self.position, self.bad = workers, 0, 0, {}
         self.per_step = batch_size * accumulation * world
 
@@ -46,7 +47,7 @@ class Batches:
             order = order.tolist()
             order += order[:(-len(order)) % self.per_step]  # the last step of an epoch is filled from its start
             micro = [order[k:k + self.b] for k in range(self.position, len(order), self.b)][self.rank::self.world]
-            batches = iter(_loader(micro, lambda idx: collate([self.dataset[i] for i in idx]), self.workers))
+            batches = iter(_loader(micro, lambda idx: self.collate([self.dataset[i] for i in idx]), self.workers))
             while self.position < len(order):
                 step = [next(batches) for _ in range(self.ga)]
                 self.position += self.per_step  # where the next step starts (what a checkpoint records)

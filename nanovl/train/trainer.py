@@ -19,7 +19,8 @@ import torch
 import nanovl
 from nanovl.errors import NanovlError
 from nanovl.train import distributed as dist_utils
-from nanovl.train.data import SupervisedDataset
+from nanovl.train.data import SupervisedDataset, collate
+from nanovl.train.mpo import MPO, PreferenceDataset, collate_pairs
 from nanovl import weights
 from nanovl.train.lora import add_lora, lora_state_dict, merge_lora_state
 from nanovl.train.loss import REDUCTIONS, compute_loss
@@ -29,9 +30,19 @@ from nanovl.train.stream import Batches, PackedBatches
 # the original "2nd fine-tune" recipes (internvl_chat/shell/*/2nd_finetune/*.sh): frozen ViT, MLP + LLM trained
 RECIPES = {
     "InternVL2.5": dict(learning_rate=4e-5, weight_decay=0.01, drop_path_rate=0.1, max_seq_length=8192,
-                        max_dynamic_patch=6),
+                        max_dynamic_patch=6, freeze_backbone=True),
     "InternVL3": dict(learning_rate=2e-5, weight_decay=0.05, drop_path_rate=0.0, max_seq_length=16384,
-                      max_dynamic_patch=12),
+                      max_dynamic_patch=12, freeze_backbone=True),
+}
+# ... and of the MPO stage (internvl_chat/shell/internvl2.5_mpo, internvl3.0/mpo, internvl3.5 mpo): everything
+# trains, drop path 0.1, max_dynamic_patch left at the default 12
+MPO_RECIPES = {
+    "InternVL2.5": dict(learning_rate=1e-6, weight_decay=0.05, drop_path_rate=0.1, max_seq_length=8192,
+                        max_dynamic_patch=12, freeze_backbone=False),
+    "InternVL3": dict(learning_rate=2e-7, weight_decay=0.05, drop_path_rate=0.1, max_seq_length=12288,
+                      max_dynamic_patch=12, freeze_backbone=False),
+    "InternVL3.5": dict(learning_rate=2e-7, weight_decay=0.05, drop_path_rate=0.1, max_seq_length=16384,
+                        max_dynamic_patch=12, freeze_backbone=False),
 }
 
 
@@ -62,7 +73,12 @@ class TrainArgs:
     max_buffer_size: int = 20
     strict_mode: bool = True  # pad every packed row to max_packed_tokens and num_images_expected tiles
     allow_overflow: bool = False
-    freeze_backbone: bool = True
+    mpo: bool = False  # preference training (MPO) on chosen / rejected pairs instead of supervised
+    beta: float = 0.1
+    sigmoid_loss_weight: float = 0.8
+    bco_pair_loss_weight: float = 0.2
+    rpo_alpha: float = 1.0  # the weight of the SFT term on the chosen answers
+    freeze_backbone: bool | None = None  # None: the recipe's (frozen for SFT, trained for MPO)
     freeze_llm: bool = False
     freeze_mlp: bool | None = None  # None: frozen with LoRA (the LoRA recipe), trained otherwise
     unfreeze_lm_head: bool = False
@@ -96,13 +112,16 @@ class TrainArgs:
 
 
 def recipe(args: TrainArgs, model_path: str) -> dict:
-    """The defaults of the original 2nd-fine-tune recipe of this model's generation, for every flag left None."""
-    name = Path(str(model_path)).name.lower()
-    gen = "InternVL3" if "internvl3" in name else "InternVL2.5"
-    chosen = {k: v for k, v in RECIPES[gen].items() if getattr(args, k) is None}
-    if gen == "InternVL3" and "internvl3-1b" in name.replace("_", "-") and args.learning_rate is None:
+    """The defaults of the original recipe (2nd fine-tune, or MPO) of this model's generation, for every flag left
+    None; the generation is read from the checkpoint's name, InternVL2.5 when it says nothing."""
+    name = Path(str(model_path)).name.lower().replace("_", ".").replace("-", ".")
+    gen = "InternVL3.5" if "internvl3.5" in name else "InternVL3" if "internvl3" in name else "InternVL2.5"
+    table = MPO_RECIPES if args.mpo else RECIPES
+    gen = gen if gen in table else "InternVL3"
+    chosen = {k: v for k, v in table[gen].items() if getattr(args, k) is None}
+    if not args.mpo and gen == "InternVL3" and "internvl3.1b" in name and args.learning_rate is None:
         chosen["learning_rate"] = 1e-5  # internvl3.0/2nd_finetune/internvl3_1b_*.sh
-    return gen, chosen
+    return f"{gen}{' MPO' if args.mpo else ' 2nd-finetune'}", chosen
 
 
 # -----------------------------------------------------------------------------
@@ -260,11 +279,11 @@ def finetune(args: TrainArgs) -> Path:
     for k, v in chosen.items():
         setattr(args, k, v)
     if chosen:
-        say(f"[{gen} 2nd-finetune recipe: {', '.join(f'{k}={v}' for k, v in chosen.items())}]")
+        say(f"[{gen} recipe: {', '.join(f'{k}={v}' for k, v in chosen.items())}]")
     c = model.config
     meta = args.meta or {"data": {"root": args.root, "annotation": args.data, "data_augment": args.data_augment,
                                   "repeat_time": 1}}
-    dataset = SupervisedDataset(
+    dataset = (PreferenceDataset if args.mpo else SupervisedDataset)(
         meta, model.tokenizer, template=args.template or c.template, max_seq_length=args.max_seq_length,
         dynamic_image_size=c.dynamic_image_size if args.dynamic_image_size is None else args.dynamic_image_size,
         use_thumbnail=c.use_thumbnail if args.use_thumbnail is None else args.use_thumbnail,
@@ -274,6 +293,8 @@ def finetune(args: TrainArgs) -> Path:
         sampling_method=args.sampling_method, skip_bad=args.skip_bad_samples)
     if args.check_data:
         return check_data(dataset, say)
+    if args.mpo and args.use_packed_ds:
+        raise NanovlError("--mpo trains on padded pairs: drop --use-packed-ds")
     if args.use_packed_ds and (args.max_steps <= 0 or args.per_device_batch_size != 1):
         raise NanovlError("--use-packed-ds needs --max-steps (a packed stream has no length, as the original) and "
                           "--per-device-batch-size 1 (one packed row per micro-batch)")
@@ -283,8 +304,14 @@ def finetune(args: TrainArgs) -> Path:
     trainable = configure(model, args)
     if not trainable:
         raise NanovlError("nothing to train: every parameter is frozen (check --freeze-* and --use-*-lora)")
+    reference = None
+    if args.mpo and not (args.use_llm_lora or args.use_backbone_lora):  # a frozen copy (with LoRA: adapters off)
+        reference = nanovl.load(args.model, dtype=ctx.load_dtype(dtype), device=ctx.device).requires_grad_(False)
+        ctx.wrap(reference)
     model.train()
     ctx.wrap(model)
+    objective = MPO(model, reference, args.beta, (args.sigmoid_loss_weight, args.bco_pair_loss_weight,
+                                                  args.rpo_alpha)) if args.mpo else Supervised(model, args)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = MasterAdamW(named, args.learning_rate, args.weight_decay)
 
@@ -297,7 +324,7 @@ def finetune(args: TrainArgs) -> Path:
                                        f"{args.num_images_expected} tiles")
     else:
         stream = Batches(dataset, args.per_device_batch_size, args.gradient_accumulation_steps, ctx.rank, ctx.world,
-                         args.seed, args.dataloader_num_workers)
+                         args.seed, args.dataloader_num_workers, collate_pairs if args.mpo else collate)
         total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * stream.steps_per_epoch())
         what = f"{args.per_device_batch_size} samples"
     warmup = args.warmup_steps or math.ceil(total * args.warmup_ratio)
@@ -307,7 +334,7 @@ def finetune(args: TrainArgs) -> Path:
 
     step, metrics = 0, []
     if args.resume:
-        step, metrics = resume(args, out, model, opt, stream, ctx)
+        step, metrics = resume(args, out, model, opt, stream, ctx, objective)
         say(f"[resumed at step {step} from {args.resume}]")
     out.mkdir(parents=True, exist_ok=True)
     if ctx.rank == 0:
@@ -321,16 +348,17 @@ def finetune(args: TrainArgs) -> Path:
         lr = args.learning_rate * cosine_with_warmup(step - 1, warmup, total)
         for group in opt.opt.param_groups:
             group["lr"] = lr
-        losses, n_tokens, n_learned = [], 0, 0
+        losses, n_tokens, n_learned, extra = [], 0, 0, {}
         for batch in next(steps):
             if not batch and (ctx.world == 1 or last is None):  # every sample of it was bad (and skipped)
                 continue
             if not batch:  # the other processes still need this one's share of the sharded model: learn nothing
                 batch = dict(last, labels=torch.full_like(last["labels"], -100))
             last = batch
-            loss, _, _, learned = compute_loss(model, batch, args.loss_reduction, args.loss_reduction_all_gather,
-                                               return_parts=True)
+            loss, learned, logged = objective(batch)
             (loss / args.gradient_accumulation_steps).backward()
+            for k, v in logged.items():
+                extra.setdefault(k, []).append(v)
             opt.accumulate()
             if learned:
                 losses.append(loss.item())
@@ -340,14 +368,15 @@ def finetune(args: TrainArgs) -> Path:
         loss_value = ctx.mean(sum(losses) / max(len(losses), 1))
         tokens_seen += ctx.sum(n_tokens)
         row = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=ctx.sum(n_tokens),
-                   learned_tokens=ctx.sum(n_learned), seconds=round(time.perf_counter() - t0, 3))
+                   learned_tokens=ctx.sum(n_learned), seconds=round(time.perf_counter() - t0, 3),
+                   **{k: ctx.mean(sum(v) / len(v)) for k, v in extra.items()})
         metrics.append(row)
         if log:
             log.write(json.dumps(row) + "\n")
             log.flush()
         progress.update(step, loss_value, lr, tokens_seen)
         if args.save_steps and step % args.save_steps == 0 and step < total:
-            save_checkpoint(model, opt, args, out / f"checkpoint-{step}", step, metrics, stream, ctx)
+            save_checkpoint(model, opt, args, out / f"checkpoint-{step}", step, metrics, stream, ctx, objective)
     bad = stream.bad
     if log:
         log.close()
@@ -360,6 +389,17 @@ def finetune(args: TrainArgs) -> Path:
         say(f"[saved {out}: metrics.jsonl, loss.svg, the model in the original layout]")
     ctx.close()
     return out
+
+
+class Supervised:
+    """The supervised objective: compute_loss with --loss-reduction. batch -> (loss, learned tokens, metrics)."""
+
+    def __init__(self, model, args):
+        self.model, self.reduction, self.all_reduce = model, args.loss_reduction, args.loss_reduction_all_gather
+
+    def __call__(self, batch):
+        loss, _, _, learned = compute_loss(self.model, batch, self.reduction, self.all_reduce, return_parts=True)
+        return loss, learned, {}
 
 
 def check(args: TrainArgs) -> None:
@@ -407,7 +447,7 @@ def _seed(seed: int) -> None:
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(model, opt, args, path: Path, step: int, metrics: list, stream, ctx) -> None:
+def save_checkpoint(model, opt, args, path: Path, step: int, metrics: list, stream, ctx, objective=None) -> None:
     """checkpoint-N/: the model (original layout) and training_state.pt (fp32 masters, optimizer, step, RNG, metrics,
     the data position), enough to continue exactly where the run was; older ones beyond save_total_limit are
     removed. Several processes: the full (gathered) state, so that any number of processes can resume it; each
@@ -417,8 +457,10 @@ def save_checkpoint(model, opt, args, path: Path, step: int, metrics: list, stre
     if args.use_packed_ds:
         torch.save(stream.state(), path / f"data_state_rank{ctx.rank}.pt")
     if ctx.rank == 0:
+        running = objective.running.state_dict() if hasattr(objective, "running") else None
         torch.save(dict(trainer=trainer, step=step, metrics=metrics, rng=_rng_state(), world=ctx.world,
-                        data=None if args.use_packed_ds else stream.state()), path / "training_state.pt")
+                        data=None if args.use_packed_ds else stream.state(), mpo_running_mean=running),
+                   path / "training_state.pt")
         if args.save_total_limit:
             old = sorted(path.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             for p in old[:-args.save_total_limit]:
@@ -426,7 +468,7 @@ def save_checkpoint(model, opt, args, path: Path, step: int, metrics: list, stre
     ctx.barrier()
 
 
-def resume(args, out: Path, model, opt, stream, ctx) -> tuple[int, list]:
+def resume(args, out: Path, model, opt, stream, ctx, objective=None) -> tuple[int, list]:
     path = Path(args.resume)
     if args.resume == "auto":
         found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -446,6 +488,8 @@ def resume(args, out: Path, model, opt, stream, ctx) -> tuple[int, list]:
         stream.load_state(torch.load(rank_file, map_location="cpu", weights_only=False))
     elif state.get("data"):
         stream.load_state(state["data"])
+    if state.get("mpo_running_mean") and hasattr(objective, "running"):
+        objective.running.load_state_dict(state["mpo_running_mean"])
     if state["world"] == ctx.world:  # the same processes: the same random streams (drop path, LoRA dropout)
         _set_rng_state(state["rng"])
     return state["step"], state["metrics"]
