@@ -61,12 +61,26 @@ def _positive(obj, where: str, *names) -> None:
             raise NanovlError(f"config.json: {where}{n} must be positive, got {getattr(obj, n)}")
 
 
+# decoders InternVL checkpoints use that nanovl does not implement: which checkpoints, and what is missing
+NOT_IMPLEMENTED = {
+    "Qwen3MoeForCausalLM": "InternVL3.5-30B-A3B / 241B-A28B: the Qwen3-MoE decoder (128 routed experts, top-8) is "
+                           "not implemented",
+    "qwen3_moe": "InternVL3.5-30B-A3B / 241B-A28B: the Qwen3-MoE decoder (128 routed experts, top-8) is not "
+                 "implemented",
+    "GptOssForCausalLM": "InternVL3.5-GPT-OSS-20B-A4B: the GPT-OSS decoder (MoE, attention sinks, sliding window, "
+                         "YaRN) is not implemented",
+    "gpt_oss": "InternVL3.5-GPT-OSS-20B-A4B: the GPT-OSS decoder (MoE, attention sinks, sliding window, YaRN) is not "
+               "implemented",
+}
+
+
 def check_architecture(llm: dict) -> None:
     """Refuse an unknown decoder before reading its fields (an MoE or SSM config may lack the ones nanovl needs)."""
     archs = llm.get("architectures") if isinstance(llm, dict) else None
     arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in ARCHITECTURES:
-        raise NanovlError(f"unsupported language model architecture {arch!r}; "
+        why = f" ({NOT_IMPLEMENTED[arch]})" if arch in NOT_IMPLEMENTED else ""
+        raise NanovlError(f"unsupported language model architecture {arch!r}{why}; "
                           f"nanovl supports {', '.join(ARCHITECTURES)}")
 
 

@@ -47,7 +47,8 @@ HF_NAMES = [
 # transformers 4.52-4.57 wrote the -hf keys without the "model." level: read them as today's names
 HF_OLD_PREFIXES = [("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
                    ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")]
-HF_TEXT_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+HF_TEXT_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                         "phi3": "Phi3ForCausalLM"}
 # the decoder's stacked matrices -> the checkpoint matrices they stack, in row order
 STACKED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
@@ -78,7 +79,7 @@ def parts(key: str, shape, cfg: InternVLConfig, fmt: str) -> list:
     llm = cfg.llm_config
     stacked = next((s for s in STACKED if f".{s}." in key), None)
     if key.startswith("language_model.") and stacked:
-        if fmt == "original" and llm.arch == "Phi3ForCausalLM":  # Phi-3 stores them stacked, as nanovl does
+        if llm.arch == "Phi3ForCausalLM":  # Phi-3 stores them stacked, as nanovl does (transformers' Phi3 too)
             out = [(key, None)]
         elif fmt == "original" and llm.arch == "InternLM2ForCausalLM" and stacked == "self_attn.qkv_proj":
             out = [(key.replace("self_attn.qkv_proj", "attention.wqkv"), wqkv_rows(llm))]
@@ -202,7 +203,9 @@ def read_config(path: Path) -> tuple[InternVLConfig, str]:
         raise NanovlError(f"{path / 'config.json'} must hold a JSON object, got {type(d).__name__}")
     if d.get("model_type") != "internvl":
         return InternVLConfig.from_dict(d), "original"
-    return InternVLConfig.from_dict(hf_to_original_config(d)), "hf"
+    cfg = InternVLConfig.from_dict(hf_to_original_config(d))
+    cfg.kept = d.get("internvl_chat") if isinstance(d.get("internvl_chat"), dict) else None  # nanovl.convert's
+    return cfg, "hf"
 
 
 def hf_to_original_config(d: dict) -> dict:
@@ -225,12 +228,17 @@ def hf_to_original_config(d: dict) -> dict:
     t.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
     if "dtype" in t:
         t["torch_dtype"] = t.pop("dtype")
-    return dict(architectures=["InternVLChatModel"], model_type="internvl_chat", vision_config=vision, llm_config=t,
-                template="internvl2_5", ps_version="v2", select_layer=d.get("vision_feature_layer", -1),
-                downsample_ratio=d.get("downsample_ratio", 0.5), force_image_size=vision["image_size"],
-                dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
-                image_token_id=d.get("image_token_id"), use_backbone_lora=0, use_llm_lora=0,
-                torch_dtype=d.get("dtype", d.get("torch_dtype", "bfloat16")))
+    out = dict(architectures=["InternVLChatModel"], model_type="internvl_chat", vision_config=vision, llm_config=t,
+               template="internvl2_5", ps_version="v2", select_layer=d.get("vision_feature_layer", -1),
+               downsample_ratio=d.get("downsample_ratio", 0.5), force_image_size=vision["image_size"],
+               dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
+               image_token_id=d.get("image_token_id"), use_backbone_lora=0, use_llm_lora=0,
+               torch_dtype=d.get("dtype", d.get("torch_dtype", "bfloat16")))
+    kept = d.get("internvl_chat")  # nanovl.convert keeps the original's own fields there (template, ...)
+    if isinstance(kept, dict):
+        out.update({k: kept[k] for k in ("template", "dynamic_image_size", "use_thumbnail", "min_dynamic_patch",
+                                         "max_dynamic_patch", "system_message") if k in kept})
+    return out
 
 
 STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
