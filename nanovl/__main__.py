@@ -1,4 +1,7 @@
 """python -m nanovl ...: the command line of nanovl/cli.py."""
-from nanovl.cli import main
+try:
+    from nanovl.cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch is imported: no traceback
+    raise SystemExit(130) from None
 
 main()
