@@ -174,7 +174,7 @@ def main(argv=None):
             pass
         sys.exit(141)
     except (NanovlError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -43,8 +43,9 @@ def _pick(cls, d: dict, where: str):
         if f.name == "raw" or f.name not in d:
             continue
         if not _matches(d[f.name], hints[f.name]):
-            raise NanovlError(f"config.json: {where}{f.name} must be a {getattr(hints[f.name], '__name__', hints[f.name])}"
-                              f", got {d[f.name]!r} (a {type(d[f.name]).__name__})")
+            kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            raise NanovlError(f"config.json: {where}{f.name} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got "
+                              f"{d[f.name]!r} (a {type(d[f.name]).__name__})")
         kw[f.name] = d[f.name]
     missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING and f.name not in kw]

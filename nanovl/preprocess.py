@@ -99,13 +99,12 @@ def open_image(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 return im.convert("RGB")
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:  # checked below, unchained
         pixels = re.search(r"\((\d+) pixels\)", str(e))
-        limits.within("MAX_IMAGE_PIXELS", int(pixels[1]) if pixels else limits.limit("MAX_IMAGE_PIXELS") + 1,
-                      f"image {path}", "use a smaller image")
-        raise NanovlError(f"cannot read image {path}: {e}") from None  # (PIL's limit changed in between)
     except Exception as e:  # UnidentifiedImageError, truncated file, ...
         raise NanovlError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    limits.within("MAX_IMAGE_PIXELS", int(pixels[1]) if pixels else 0, f"image {path}", "use a smaller image")
+    raise NanovlError(f"image {path} is over PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)")
 
 def load_image(image, max_num=12, input_size=448, use_thumbnail=True, min_num=1):
     """An image file (or PIL image) -> (tiles, 3, 448, 448), with the reference's defaults (max_num=12, thumbnail).

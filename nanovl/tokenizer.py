@@ -136,9 +136,10 @@ class Tokenizer:
             raise
         except Exception as e:  # a file of the wrong structure (KeyError, TypeError, the tokenizers library's errors)
             used = " + ".join(FILES.get(getattr(self, "kind", None), ()))
-            raise NanovlError(f"the tokenizer files in {path} ({used}, with tokenizer_config.json, added_tokens.json, "
-                              f"special_tokens_map.json) are not in a form nanovl can read: {type(e).__name__}: "
-                              f"{str(e)[:200]}") from None
+            detail = (str(e).strip().splitlines() or [""])[0][:200]
+            raise NanovlError(f"cannot build the tokenizer from {used} and the tokenizer config files in {path} "
+                              f"({type(e).__name__}: {detail}): they are damaged or of a form nanovl does not "
+                              "know") from None
 
     def _build(self, path):
         kind = next((k for k, fs in FILES.items() if all(os.path.isfile(os.path.join(path, f)) for f in fs)), None)

@@ -116,7 +116,7 @@ def main(argv=None) -> None:
         check_options(args)
         finetune(TrainArgs(**vars(args)))
     except (NanovlError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
