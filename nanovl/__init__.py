@@ -1,25 +1,44 @@
 """nanovl: InternVL in plain PyTorch. `model = nanovl.load(dir_or_hub_id)`, then `model.chat(question, pixel_values)`."""
-import torch
+import importlib
+import os
 
 from nanovl.errors import NanovlError
-from nanovl.model import InternVL
-from nanovl.preprocess import load_image, load_video
-from nanovl.weights import load_weights, read_config, resolve
 
 __all__ = ["load", "load_image", "load_video", "InternVL", "NanovlError"]
+LAZY = {"InternVL": "nanovl.model", "load_image": "nanovl.preprocess", "load_video": "nanovl.preprocess"}
 
 
-def load(path, dtype: torch.dtype = torch.float32, device="cpu", adapters=None) -> InternVL:
-    """Load a checkpoint directory (or a hub id, downloaded into weights/) in the given dtype, memory-mapped.
+def __getattr__(name):  # torch is imported on first use: `python -m nanovl.generate` can answer Ctrl-C meanwhile
+    if name in LAZY:
+        return getattr(importlib.import_module(LAZY[name]), name)
+    raise AttributeError(f"module 'nanovl' has no attribute {name!r}")
+
+
+def load(path, dtype=None, device="cpu", adapters=None):
+    """Load a checkpoint directory (or a hub id, downloaded into weights/) in the given dtype (torch.float32 by
+    default, torch.bfloat16 or torch.float16), memory-mapped, on `device`.
     adapters: a folder of LoRA adapters saved alone (nanovl.train --save-lora-adapters), merged into the weights.
     An unmerged LoRA checkpoint of the original code (use_llm_lora in config.json) is merged as it loads."""
-    from nanovl.tokenizer import Tokenizer
-    from nanovl.weights import load_adapters
+    import torch
 
+    from nanovl import limits
+    from nanovl.model import InternVL
+    from nanovl.tokenizer import Tokenizer
+    from nanovl.weights import check_layer_count, load_adapters, load_weights, read_config, resolve
+
+    if not isinstance(path, (str, os.PathLike)) or (adapters is not None and not isinstance(adapters, (str, os.PathLike))):
+        raise TypeError(f"path and adapters must be folder paths or a hub id (str or Path), got "
+                        f"{type(path).__name__} and {type(adapters).__name__}")
+    dtype = limits.dtype(torch.float32 if dtype is None else dtype)
+    device = limits.device(device)
     path = resolve(path)
     config, fmt = read_config(path)
-    with torch.device("meta"):
-        model = InternVL(config)
+    check_layer_count(config, path, fmt)  # before building: a hostile num_hidden_layers would build for hours
+    try:
+        with torch.device("meta"):
+            model = InternVL(config)
+    except (RuntimeError, ValueError, OverflowError) as e:  # sizes no tensor can have
+        raise NanovlError(f"{path / 'config.json'} describes a model nanovl cannot build: {e}") from None
     load_weights(model, path, fmt, dtype, device)
     if adapters is not None:
         load_adapters(model, adapters)

@@ -5,7 +5,7 @@ chat/stream/batch_chat -> template.build_prompt + expand_images -> tokenizer -> 
 """
 import torch
 
-from nanovl import generation
+from nanovl import generation, limits
 from nanovl.errors import NanovlError
 from nanovl.template import build_prompt, expand_images, get_template
 
@@ -47,6 +47,10 @@ def _encode(model, prompt: str, max_new_tokens: int):
     if model.tokenizer is None:
         raise NanovlError("this checkpoint has no tokenizer files (tokenizer.json, vocab.json + merges.txt or tokenizer.model)")
     ids = model.tokenizer.encode(prompt)
+    vocab = model.config.llm_config.vocab_size
+    if max(ids, default=0) >= vocab:
+        raise NanovlError(f"the tokenizer gives the id {max(ids)}, but the model's vocabulary has {vocab} entries: the "
+                          "tokenizer files and config.json's llm_config.vocab_size do not belong together")
     context = model.config.llm_config.max_position_embeddings
     if len(ids) >= context:
         n_img = prompt.count("<IMG_CONTEXT>")
@@ -59,7 +63,40 @@ def _system(model, template, system_message):
     return system_message or model.config.system_message or template.default_system
 
 
+def _check_call(model, questions, pixel_values, history, system_message, max_new_tokens, sampling):
+    """Everything a chat call is given, checked before any work: types, texts, pixel_values' shape, the options."""
+    for q in questions:
+        if not isinstance(q, str):
+            raise TypeError(f"a question must be a str, got {type(q).__name__}: nanovl's call is model.chat(question, "
+                            "pixel_values, ...) (the model carries its tokenizer)")
+        limits.text(q, "the question")
+    if system_message is not None:
+        limits.text(system_message, "system_message")
+    if history is not None and not isinstance(history, (list, tuple)):
+        raise TypeError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
+    for turn in history or []:
+        if not isinstance(turn, (list, tuple)) or len(turn) != 2:
+            raise TypeError(f"history must be a list of (question, answer) pairs, got an item {turn!r:.60}")
+        limits.text(turn[0], "a question in history")
+        limits.text(turn[1], "an answer in history")
+    if pixel_values is not None:
+        limits.pixel_values(pixel_values, model.config.image_size, model.config.vision_config.num_channels)
+    limits.generation(max_new_tokens, **sampling)
+
+
+def _prompt(model, template, system_message, history, question) -> str:
+    """The whole conversation as text, before the images are expanded: checked against limits.MAX_PROMPT_CHARS."""
+    prompt = build_prompt(template, _system(model, template, system_message), history, question)
+    limits.within("MAX_PROMPT_CHARS", len(prompt), "the prompt (system message, history and question)",
+                  "use a shorter prompt")
+    return prompt
+
+
 def _check_tiles(num_patches_list, pixel_values):
+    if not isinstance(num_patches_list, (list, tuple)):
+        raise TypeError(f"num_patches_list must be a list of tile counts, got {type(num_patches_list).__name__}")
+    for n in num_patches_list:
+        limits.whole(n, "each entry of num_patches_list", 1)
     tiles = 0 if pixel_values is None else pixel_values.shape[0]
     if sum(num_patches_list) != tiles:
         raise NanovlError(f"num_patches_list {list(num_patches_list)} does not add up to the {tiles} tiles in pixel_values")
@@ -79,12 +116,13 @@ def stream(model, question: str, pixel_values=None, history=None, num_patches_li
     when the question has no placeholder, and all tiles form one image unless num_patches_list splits them.
     history: earlier turns; a History also keeps (and here reuses or fills) the image features."""
     template = get_template(model.config.template)
+    _check_call(model, [question], pixel_values, history, system_message, max_new_tokens, sampling)
     question = with_placeholder(question, pixel_values, history)
     tiles_per_image = num_patches_list  # the reference's keyword; tiles, not 14-pixel patches
     if tiles_per_image is None:
         tiles_per_image = [] if pixel_values is None else [pixel_values.shape[0]]
     _check_tiles(tiles_per_image, pixel_values)
-    prompt = build_prompt(template, _system(model, template, system_message), history or [], question)
+    prompt = _prompt(model, template, system_message, history or [], question)
     ids, max_new_tokens = _encode(model, expand_images(prompt, tiles_per_image, model.config.num_image_token),
                                   max_new_tokens)
     stats = stats if stats is not None else generation.Stats()
@@ -101,6 +139,8 @@ def chat(model, question: str, pixel_values=None, history=None, return_history=F
          max_new_tokens=1024, system_message=None, **sampling):
     """One answer (greedy unless temperature > 0); with return_history also the History including this turn, which
     remembers the image features for the next turn."""
+    if history is not None and not isinstance(history, (list, tuple)):
+        raise TypeError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
     conversation = history if isinstance(history, History) else History(history or [])
     answer = "".join(stream(model, question, pixel_values, conversation, num_patches_list, max_new_tokens,
                             system_message, **sampling)).strip()
@@ -115,13 +155,19 @@ def batch_chat(model, questions, pixel_values=None, num_patches_list=None, max_n
     """One single-turn answer per question, generated together with left padding.
     num_patches_list[i] tiles of pixel_values belong to questions[i] (in order)."""
     template = get_template(model.config.template)
+    if isinstance(questions, str) or not isinstance(questions, (list, tuple)):
+        raise TypeError(f"batch_chat takes a list of questions, got {type(questions).__name__}: use chat() for one "
+                        "question, or pass [question]")
+    if not questions:
+        raise NanovlError("batch_chat got no questions: give a list of at least one")
+    _check_call(model, questions, pixel_values, None, system_message, max_new_tokens, sampling)
     if pixel_values is not None and (num_patches_list is None or len(num_patches_list) != len(questions)):
         raise NanovlError("batch_chat with images needs num_patches_list with one entry per question")
     if pixel_values is not None:
         _check_tiles(num_patches_list, pixel_values)
-    system, prompts = _system(model, template, system_message), []
+    prompts = []
     for i, q in enumerate(questions):  # each question gets its own image (num_patches_list[i] tiles)
-        prompt = build_prompt(template, system, [], with_placeholder(q, pixel_values, None))
+        prompt = _prompt(model, template, system_message, [], with_placeholder(q, pixel_values, None))
         images = [] if pixel_values is None else [num_patches_list[i]]
         prompts.append(expand_images(prompt, images, model.config.num_image_token))
     encoded = [_encode(model, p, max_new_tokens) for p in prompts]

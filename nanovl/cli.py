@@ -1,19 +1,32 @@
 """Command line: python -m nanovl.generate --image x.jpg [--prompt ...] [--model DIR_OR_HUB_ID] [--chat] ..."""
 import argparse
+import os
 import sys
 
 import torch
 
 import nanovl
+from nanovl import limits
 from nanovl.chat import History
 from nanovl.errors import NanovlError
 from nanovl.generation import Stats
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FLAGS = {"max_new_tokens": "--max-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+         "seed": "--seed"}  # the generation options' names on the command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nanovl.generate", description="Chat with an InternVL checkpoint.")
+    p = Parser(prog="python -m nanovl.generate", description="Chat with an InternVL checkpoint.",
+               epilog="Limits (environment): NANOVL_MAX_TILES (tiles per image, default 40), NANOVL_MAX_FRAMES "
+                      "(frames per video, 256), NANOVL_MAX_PROMPT_CHARS (1,000,000), NANOVL_MAX_IMAGE_PIXELS "
+                      "(PIL's decompression-bomb limit, 89,478,485).")
     p.add_argument("--model", default="OpenGVLab/InternVL3-1B", help="checkpoint directory or hub id")
     p.add_argument("--adapters", default=None, help="LoRA adapters saved alone (python -m nanovl.train "
                    "--save-lora-adapters), merged into --model")
@@ -23,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=None, help="the question (default: describe the image/video)")
     p.add_argument("--system", default=None, help="system message (default: the template's)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn conversation")
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=512, help="most new tokens per answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -39,19 +52,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_options(args) -> torch.device:
+    """Every option's range and text, before anything loads. -> the device."""
+    limits.generation(args.max_tokens, FLAGS, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      seed=args.seed)
+    limits.within("MAX_FRAMES", limits.whole(args.frames, "--frames", 1), "--frames", "ask for fewer frames")
+    if args.max_tiles is not None:
+        limits.within("MAX_TILES", limits.whole(args.max_tiles, "--max-tiles", 1), "--max-tiles", "use fewer tiles")
+    for flag in ("prompt", "system"):
+        if getattr(args, flag) is not None:
+            limits.text(getattr(args, flag), f"--{flag}")
+    if args.image and args.video:
+        raise NanovlError("give --image or --video, not both")
+    if args.chat and (sys.stdin is None or sys.stdin.closed):
+        raise NanovlError("--chat reads the questions from stdin, which is closed")
+    return limits.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+
+
 def load_media(args, config):
     """-> (pixel_values or None, num_patches_list, prompt prefix)."""
     if args.video:
-        if args.image:
-            raise NanovlError("give --image or --video, not both")
+        tokens, context = args.frames * config.num_image_token, config.llm_config.max_position_embeddings
+        if tokens >= context:  # before any frame is decoded
+            raise NanovlError(f"--frames {args.frames} gives {tokens:,} image tokens ({config.num_image_token} a "
+                              f"frame), more than the model's context of {context:,}: ask for fewer --frames")
         pv, patches = nanovl.load_video(args.video, num_segments=args.frames, input_size=config.image_size)
         return pv, patches, "".join(f"Frame{i + 1}: <image>\n" for i in range(len(patches)))
     if not args.image:
         return None, [], ""
     max_tiles = args.max_tiles if args.max_tiles is not None else (
         config.max_dynamic_patch if config.dynamic_image_size else 1)
-    if not 1 <= max_tiles <= 40:  # 40: the largest max_dynamic_patch any InternVL recipe trains with is 36
-        raise NanovlError(f"--max-tiles must be between 1 and 40, got {max_tiles}")
+    limits.within("MAX_TILES", max_tiles, "config.json's max_dynamic_patch", "pass a smaller --max-tiles")
     images = [nanovl.load_image(path, max_num=max_tiles, input_size=config.image_size,
                                 min_num=min(config.min_dynamic_patch, max_tiles),
                                 use_thumbnail=config.use_thumbnail and not args.no_thumbnail) for path in args.image]
@@ -94,6 +125,8 @@ def chat_loop(model, args, pixel_values, patches, prefix):
     """--chat: read questions from the terminal; a bad turn prints its error and the conversation goes on.
     The History keeps the image features, so only the first turn runs the vision encoder."""
     history, first = History(), args.prompt
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused below, the chat goes on
     while True:
         if first:
             line, first = first, None
@@ -106,31 +139,42 @@ def chat_loop(model, args, pixel_values, patches, prefix):
             continue
         question = prefix + line if not history else line
         try:
+            limits.text(line, "that line")
             turn = (question, answer(model, args, question, pixel_values, patches, history))
             history = History(list(history) + [turn], history.vision)
         except NanovlError as e:
             print(f"error: {e}", file=sys.stderr)
 
 
+def run(args):
+    device = check_options(args)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    model = nanovl.load(args.model, dtype=dtype, device=device, adapters=args.adapters)
+    if args.int8:
+        from nanovl.quantize import quantize_int8
+        quantize_int8(model.language_model)
+    pixel_values, patches, prefix = load_media(args, model.config)
+    if args.verbose:
+        print(f"[{args.model}: {model.config.llm_config.arch}, template {model.config.template}, "
+              f"{dtype} on {device}]", file=sys.stderr)
+    if args.chat:
+        return chat_loop(model, args, pixel_values, patches, prefix)
+    default = "Describe this video." if args.video else "Describe this image." if args.image else "Hello!"
+    answer(model, args, prefix + (args.prompt or default), pixel_values, patches, None)
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    """Bad input: one `error:` line and status 2; Ctrl-C: status 130; a closed output pipe: quiet, status 141."""
     try:
-        model = nanovl.load(args.model, dtype=dtype, device=device, adapters=args.adapters)
-        if args.int8:
-            from nanovl.quantize import quantize_int8
-            quantize_int8(model.language_model)
-        pixel_values, patches, prefix = load_media(args, model.config)
-        if args.verbose:
-            print(f"[{args.model}: {model.config.llm_config.arch}, template {model.config.template}, "
-                  f"{dtype} on {device}]", file=sys.stderr)
-        if args.chat:
-            return chat_loop(model, args, pixel_values, patches, prefix)
-        default = "Describe this video." if args.video else "Describe this image." if args.image else "Hello!"
-        answer(model, args, prefix + (args.prompt or default), pixel_values, patches, None)
+        run(parse_args(argv))
+    except BrokenPipeError:  # stdout's reader went away (| head): stop quietly, as Unix tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        except (OSError, ValueError):
+            pass
+        sys.exit(141)
     except (NanovlError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -43,13 +43,15 @@ def _pick(cls, d: dict, where: str):
         if f.name == "raw" or f.name not in d:
             continue
         if not _matches(d[f.name], hints[f.name]):
-            raise NanovlError(f"config.json: {where}{f.name} is {d[f.name]!r}, which is not a valid "
-                              f"{getattr(hints[f.name], '__name__', hints[f.name])}")
+            kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            raise NanovlError(f"config.json: {where}{f.name} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got "
+                              f"{d[f.name]!r} (a {type(d[f.name]).__name__})")
         kw[f.name] = d[f.name]
     missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING and f.name not in kw]
     if missing:
-        raise NanovlError(f"config.json: {where or 'the top level'} lacks {', '.join(missing)}")
+        raise NanovlError(f"config.json: {where.rstrip('.') or 'the top level'} lacks {', '.join(missing)}: the file is "
+                          "incomplete")
     obj = cls(**kw)
     obj.raw = copy.deepcopy(d)
     return obj
@@ -72,6 +74,26 @@ NOT_IMPLEMENTED = {
     "gpt_oss": "InternVL3.5-GPT-OSS-20B-A4B: the GPT-OSS decoder (MoE, attention sinks, sliding window, YaRN) is not "
                "implemented",
 }
+
+
+def check_rope_scaling(llm) -> None:
+    """The rope_scaling kinds llm.py implements, with the fields each reads."""
+    r = llm.rope_scaling or {}
+    kind = r.get("rope_type", r.get("type", "default"))
+    fine = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0  # noqa: E731
+    if kind == "dynamic":
+        ok = fine(r.get("factor"))
+    elif kind in ("su", "longrope"):
+        orig = r.get("original_max_position_embeddings", llm.original_max_position_embeddings)
+        ok = isinstance(orig, int) and orig > 1 and all(
+            isinstance(r.get(k), list) and len(r[k]) == llm.head_dim // 2 and all(map(fine, r[k]))
+            for k in ("short_factor", "long_factor"))
+    else:
+        ok = kind == "default"
+    if not ok:
+        raise NanovlError(f"config.json: llm_config.rope_scaling {r} is not one nanovl can apply: default, dynamic "
+                          "(with a positive factor) or su/longrope (short_factor and long_factor of head_dim/2 "
+                          "positive numbers, original_max_position_embeddings)")
 
 
 def check_architecture(llm: dict) -> None:
@@ -216,7 +238,17 @@ class InternVLConfig:
         _positive(l, "llm_config.", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "vocab_size", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
                   "max_position_embeddings")
-        _positive(self, "", "downsample_ratio", "max_dynamic_patch", "min_dynamic_patch", "force_image_size")
+        _positive(self, "", "downsample_ratio", "max_dynamic_patch", "min_dynamic_patch", "force_image_size",
+                  "rope_pos_id_stride")
+        if self.min_dynamic_patch > self.max_dynamic_patch:
+            raise NanovlError(f"config.json: min_dynamic_patch {self.min_dynamic_patch} is above max_dynamic_patch "
+                              f"{self.max_dynamic_patch}")
+        if l.head_dim % 2:
+            raise NanovlError(f"config.json: llm_config head_dim {l.head_dim} is odd: rotary embeddings need an even one")
+        if l.pad_token_id is not None and not -l.vocab_size <= l.pad_token_id < l.vocab_size:  # padding_idx
+            raise NanovlError(f"config.json: llm_config.pad_token_id {l.pad_token_id} is outside the vocabulary "
+                              f"of {l.vocab_size}")
+        check_rope_scaling(l)
         if v.hidden_size % v.num_attention_heads:
             raise NanovlError(f"config.json: vision_config.hidden_size {v.hidden_size} is not a multiple of "
                               f"num_attention_heads {v.num_attention_heads}")
@@ -231,7 +263,7 @@ class InternVLConfig:
             raise NanovlError(f"config.json: rope_pos_id_version {self.rope_pos_id_version!r} is not one of "
                               "default, v2pe_fix, v2pe_rnd")
         grid, scale = self.image_size // v.patch_size, 1 / self.downsample_ratio
-        if scale != int(scale) or grid % int(scale):
+        if scale != int(scale) or grid % int(scale) or grid < scale:
             raise NanovlError(f"config.json: downsample_ratio {self.downsample_ratio} does not divide the "
                               f"{grid}x{grid} patch grid")
         if not -v.num_hidden_layers - 1 <= self.select_layer <= v.num_hidden_layers:

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
-from nanovl import chat as chat_api, generation, preprocess, weights
+from nanovl import chat as chat_api, generation, limits, preprocess, weights
 from nanovl.config import InternVLConfig
 from nanovl.errors import NanovlError
 from nanovl.llm import LanguageModel, token_losses
@@ -132,6 +132,16 @@ class InternVL(nn.Module):
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, eos_token_id=None,
                  **sampling) -> torch.Tensor:
         """-> (B, new) token ids; rows that stopped are padded with their stop token. eos_token_id=None never stops early."""
+        limits.token_ids(input_ids, self.config.llm_config.vocab_size)
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                           or attention_mask.shape != input_ids.shape):
+            raise NanovlError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}")
+        if pixel_values is not None:
+            limits.pixel_values(pixel_values, self.config.image_size, self.config.vision_config.num_channels)
+        for i in [] if eos_token_id is None else [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) \
+                else eos_token_id:
+            limits.whole(i, "eos_token_id", 0)
+        limits.generation(max_new_tokens, **sampling)
         vit_embeds = None if pixel_values is None else generation.encode_images(self, pixel_values)
         tokens = list(generation.generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id,
                                           vit_embeds=vit_embeds, **sampling))
@@ -141,6 +151,8 @@ class InternVL(nn.Module):
         """An image file (or PIL image) -> (tiles, 3, 448, 448) tiled as this checkpoint's config says
         (dynamic_image_size, min/max_dynamic_patch, use_thumbnail, image size); max_num overrides max_dynamic_patch."""
         c = self.config
+        if max_num is None and c.dynamic_image_size:  # the config's value: say where it comes from if it is too large
+            limits.within("MAX_TILES", c.max_dynamic_patch, "config.json's max_dynamic_patch", "pass max_num")
         max_num = max_num if max_num is not None else c.max_dynamic_patch if c.dynamic_image_size else 1
         return preprocess.load_image(image, max_num=max_num, input_size=c.image_size, min_num=min(c.min_dynamic_patch,
                                      max_num), use_thumbnail=c.use_thumbnail if use_thumbnail is None else use_thumbnail)

@@ -5,6 +5,9 @@ Transformers"), and `dynamic_preprocess` / `build_transform` of internvl_chat/in
 A "tile" is one 448x448 crop (what the reference calls a patch in num_patches_list / max_num); a "patch" elsewhere in
 nanovl is one 14x14-pixel square of a tile.
 """
+import os
+import re
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nanovl import limits
 from nanovl.errors import NanovlError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,8 +49,17 @@ def closest_grid(width, height, min_num=1, max_num=12, image_size=448):
 
 def dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=True):
     """PIL image -> list of PIL tiles: the closest (cols, rows) grid with min_num <= cols*rows <= max_num, row-major
-    crops of the image resized to it, and a thumbnail of the whole image last when there is more than one tile."""
+    crops of the image resized to it, and a thumbnail of the whole image last when there is more than one tile.
+    max_num is bounded by limits.MAX_TILES (the grid search grows as max_num cubed), the resized image by
+    limits.MAX_IMAGE_PIXELS."""
+    limits.within("MAX_TILES", limits.whole(max_num, "max_num", 1), "max_num", "use fewer tiles")
+    limits.whole(min_num, "min_num", 1, max_num)
+    limits.whole(image_size, "input_size", 1)
+    if min(image.size) < 1:
+        raise NanovlError(f"the image is {image.size[0]}x{image.size[1]} pixels: there is nothing to see")
     cols, rows = closest_grid(*image.size, min_num, max_num, image_size)
+    limits.within("MAX_IMAGE_PIXELS", image_size ** 2 * cols * rows, f"a {cols}x{rows} grid of {image_size}-pixel "
+                  "tiles", "use a smaller input_size or max_num")
     resized = image.resize((image_size * cols, image_size * rows))  # PIL default filter = BICUBIC for RGB
     tiles = [resized.crop(((k % cols) * image_size, (k // cols) * image_size,
                            (k % cols + 1) * image_size, (k // cols + 1) * image_size))
@@ -69,20 +82,34 @@ def to_tensor(image, image_size=448):
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
     return (x - mean) / std  # Normalize, float32
 
+def _path(path, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a file path (str or Path){' or a PIL image' * (what == 'image')}, "
+                        f"got {type(path).__name__}")
+    return Path(path)
+
 def open_image(path):
-    path = Path(path)
+    """An image file -> RGB PIL image. PIL's decompression-bomb check stays on; above its limit nanovl refuses the
+    image (where PIL would only warn) before decoding it."""
+    path = _path(path, "image")
     if not path.is_file():
         raise NanovlError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # UnidentifiedImageError, truncated file, decompression bomb, ...
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:  # checked below, unchained
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+    except Exception as e:  # UnidentifiedImageError, truncated file, ...
         raise NanovlError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    limits.within("MAX_IMAGE_PIXELS", int(pixels[1]) if pixels else 0, f"image {path}", "use a smaller image")
+    raise NanovlError(f"image {path} is over PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)")
 
 def load_image(image, max_num=12, input_size=448, use_thumbnail=True, min_num=1):
     """An image file (or PIL image) -> (tiles, 3, 448, 448), with the reference's defaults (max_num=12, thumbnail).
     `model.load_image(path)` uses the checkpoint's own settings instead (InternVL-Chat-V1-2: a single tile)."""
-    image = image.convert("RGB") if isinstance(image, Image.Image) else open_image(image)
+    image = image.convert("RGB") if isinstance(image, Image.Image) else open_image(image)  # (type checked there)
     tiles = dynamic_preprocess(image, min_num, max_num, input_size, use_thumbnail)
     return torch.stack([to_tensor(t, input_size) for t in tiles])  # (tiles, 3, 448, 448)
 
@@ -134,11 +161,24 @@ def read_frames(path, pick) -> list:
 
 def load_video(path, num_segments=8, max_num=1, bound=None, input_size=448):
     """A video file -> (pixel_values (frames x tiles, 3, 448, 448), tiles of each frame): num_segments frames sampled
-    as the reference does, each tiled with max_num (1: one 448 tile per frame, as in the model cards)."""
-    if not Path(path).is_file():
+    as the reference does, each tiled with max_num (1: one 448 tile per frame, as in the model cards); bound: (start,
+    end) in seconds. num_segments is bounded by limits.MAX_FRAMES, checked before anything is decoded."""
+    limits.within("MAX_FRAMES", limits.whole(num_segments, "num_segments", 1), "num_segments", "sample fewer frames")
+    limits.within("MAX_TILES", limits.whole(max_num, "max_num", 1), "max_num", "use fewer tiles")
+    if bound is not None:
+        if not isinstance(bound, (tuple, list)) or len(bound) != 2:
+            raise TypeError(f"bound must be (start, end) in seconds, got {bound!r}")
+        start, end = limits.number(bound[0], "bound start"), limits.number(bound[1], "bound end")
+        if start >= end:
+            raise NanovlError(f"bound {tuple(bound)} is empty: give (start, end) seconds with start < end")
+    if not _path(path, "video").is_file():
         raise NanovlError(f"video file not found: {path}")
     pixel_values, num_patches_list = [], []
-    for frame in read_frames(path, lambda n, fps: get_index(bound, fps, n - 1, first_idx=0, num_segments=num_segments)):
+    def pick(n, fps):
+        if not fps and bound is not None:
+            raise NanovlError(f"video {path} declares no frame rate: it cannot be cut at seconds (bound)")
+        return get_index(bound, fps or 1.0, n - 1, first_idx=0, num_segments=num_segments)  # no rate: every frame
+    for frame in read_frames(path, pick):
         tiles = load_image(frame, max_num=max_num, input_size=input_size, use_thumbnail=True)
         pixel_values.append(tiles)
         num_patches_list.append(tiles.shape[0])

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer as _Tokenizer
 from tokenizers.models import BPE
 
 from nanovl.errors import NanovlError
+from nanovl.files import checkpoint_file, read_json
 
 FILES = {"json": ("tokenizer.json",), "bpe": ("vocab.json", "merges.txt"), "spm": ("tokenizer.model",)}
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -18,9 +19,8 @@ SPIECE = "\u2581"  # sentencepiece's visible space "▁"
 NORMAL, USER_DEFINED, UNUSED = 1, 4, 5  # sentencepiece piece types
 
 
-def _json(path, name):
-    f = os.path.join(path, name)
-    return json.load(open(f, encoding="utf-8")) if os.path.isfile(f) else {}
+def _json(path, name):  # {} when the file does not exist
+    return read_json(checkpoint_file(path, name), default={})
 
 
 def _content(t):  # tokenizer_config writes a token as a string or as an AddedToken dict
@@ -49,7 +49,7 @@ def _fields(b):
 def _read_spm(file):
     """ModelProto -> pieces [(piece, score, type)], trainer_spec {field: value}, normalizer_spec {field: value}."""
     pieces, specs = [], {2: {}, 3: {}}
-    for f, v in _fields(open(file, "rb").read()):
+    for f, v in _fields(file.read_bytes()):
         if f == 1:  # SentencePiece {1 piece, 2 score: float, 3 type}
             p = dict(_fields(v))
             pieces.append((p.get(1, b"").decode(), struct.unpack("<f", p[2])[0] if 2 in p else 0.0, p.get(3, NORMAL)))
@@ -67,7 +67,7 @@ def _spm_merges(names, pieces):
 
 
 def _from_spm(path, added, cfg):
-    file = os.path.join(path, "tokenizer.model")
+    file = checkpoint_file(path, "tokenizer.model")
     pieces, trainer, norm = _read_spm(file)
     if trainer.get(3, 1) != 2 or norm.get(4, 1):  # model_type BPE; remove_extra_whitespaces is not supported
         raise NanovlError(f"{file}: only sentencepiece BPE models without remove_extra_whitespaces are supported")
@@ -97,7 +97,12 @@ def _from_spm(path, added, cfg):
 def _from_bpe(path, added, cfg):
     """Qwen2 byte-level BPE, as transformers' Qwen2 conversion builds it (merges.txt kept as is, quirks included)."""
     vocab = {**_json(path, "vocab.json"), **{c: a["id"] for c, a in added.items()}}
-    lines = open(os.path.join(path, "merges.txt"), encoding="utf-8").read().split("\n")
+    file = checkpoint_file(path, "merges.txt")
+    try:
+        lines = file.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise NanovlError(f"cannot read {file}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") \
+            from None
     merges = [tuple(l.split()) for k, l in enumerate(lines) if l.strip() and not (k == 0 and l.startswith("#version"))]
     tok = _Tokenizer(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     tok.normalizer = normalizers.NFC()
@@ -127,8 +132,22 @@ def _from_json(path, added, cfg):
 
 class Tokenizer:
     def __init__(self, path):
+        """Build from the tokenizer files in folder `path`; files of the wrong form are a NanovlError naming them."""
         path = str(path)
+        try:
+            self._build(path)
+        except NanovlError:
+            raise
+        except Exception as e:  # a file of the wrong structure (KeyError, TypeError, the tokenizers library's errors)
+            used = " + ".join(FILES.get(getattr(self, "kind", None), ()))
+            detail = (str(e).strip().splitlines() or [""])[0][:200]
+            raise NanovlError(f"cannot build the tokenizer from {used} and the tokenizer config files in {path} "
+                              f"({type(e).__name__}: {detail}): they are damaged or of a form nanovl does not "
+                              "know") from None
+
+    def _build(self, path):
         kind = next((k for k, fs in FILES.items() if all(os.path.isfile(os.path.join(path, f)) for f in fs)), None)
+        self.kind = kind
         if kind is None:
             raise NanovlError(f"no tokenizer in {path}: looked for tokenizer.json, vocab.json + merges.txt, "
                               "tokenizer.model")

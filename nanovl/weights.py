@@ -21,7 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanovl.config import InternVLConfig
+from nanovl import limits
 from nanovl.errors import NanovlError
+from nanovl.files import checkpoint_file, read_json
 
 # nanovl name fragment -> InternLM2's (the original layout of InternLM2 / InternLM3 backbones)
 INTERNLM2_NAMES = [
@@ -193,19 +195,28 @@ def resolve(path) -> Path:
 
 def read_config(path: Path) -> tuple[InternVLConfig, str]:
     """config.json -> (config, format) where format is 'original' or 'hf'."""
-    if not (path / "config.json").exists():
+    file = checkpoint_file(path, "config.json")
+    if not file.exists():
         raise NanovlError(f"{path} has no config.json: not a checkpoint directory")
+    d = read_json(file)
     try:
-        d = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise NanovlError(f"cannot read {path / 'config.json'}: {e}") from None
-    if not isinstance(d, dict):
-        raise NanovlError(f"{path / 'config.json'} must hold a JSON object, got {type(d).__name__}")
-    if d.get("model_type") != "internvl":
-        return InternVLConfig.from_dict(d), "original"
-    cfg = InternVLConfig.from_dict(hf_to_original_config(d))
+        if d.get("model_type") != "internvl":
+            return InternVLConfig.from_dict(d), "original"
+        cfg = InternVLConfig.from_dict(hf_to_original_config(d))
+    except NanovlError as e:  # the messages say "config.json: ...": name the file
+        raise NanovlError(f"{file}: {str(e).removeprefix('config.json: ')}") from None
     cfg.kept = d.get("internvl_chat") if isinstance(d.get("internvl_chat"), dict) else None  # nanovl.convert's
     return cfg, "hf"
+
+
+def check_layer_count(cfg: InternVLConfig, path: Path, fmt: str) -> None:
+    """Every layer of config.json has tensors in the checkpoint: more layers than the checkpoint has tensors cannot
+    load, and would take hours to build."""
+    n = len(checkpoint_keys(path, fmt))
+    for where, c in (("llm_config", cfg.llm_config), ("vision_config", cfg.vision_config)):
+        if c.num_hidden_layers > n:
+            raise NanovlError(f"{path / 'config.json'}: {where}.num_hidden_layers is {c.num_hidden_layers:,}, but the "
+                              f"checkpoint holds only {n} tensors: config.json and the weights do not belong together")
 
 
 def hf_to_original_config(d: dict) -> dict:
@@ -213,7 +224,7 @@ def hf_to_original_config(d: dict) -> dict:
     if not isinstance(d.get("vision_config"), dict) or not isinstance(d.get("text_config"), dict):
         raise NanovlError("config.json: an -hf InternVL config needs vision_config and text_config objects")
     v, t = d["vision_config"], dict(d["text_config"])
-    first = lambda x: x[0] if isinstance(x, list) else x  # noqa: E731  (-hf writes [448, 448])
+    first = lambda x: x[0] if isinstance(x, list) and x else x  # noqa: E731  (-hf writes [448, 448])
     vision = dict(architectures=["InternVisionModel"], model_type="intern_vit_6b", hidden_size=v.get("hidden_size"),
                   num_hidden_layers=v.get("num_hidden_layers"), num_attention_heads=v.get("num_attention_heads"),
                   intermediate_size=v.get("intermediate_size"), qkv_bias=v.get("attention_bias", False),
@@ -254,7 +265,7 @@ def safetensors_header(file: Path) -> dict:
         n = int.from_bytes(f.read(8), "little")
         if size < 8 or n > size - 8:
             raise NanovlError(f"{file} is not a safetensors file (or is truncated): header of {n} bytes in a "
-                              f"{size}-byte file")
+                              f"{size}-byte file; download it again")
         try:
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
@@ -265,7 +276,7 @@ def safetensors_header(file: Path) -> dict:
                 item = STORED_DTYPES[dtype].itemsize if dtype in STORED_DTYPES else None
                 if not 0 <= a <= b <= size - 8 - n or (item is not None and b - a != numel * item):
                     raise NanovlError(f"{file}: tensor {k} ({dtype} {shape}) has data offsets {a}..{b}, outside the "
-                                      f"file or of the wrong size: the file is truncated or corrupt")
+                                      f"file or of the wrong size: the file is truncated or corrupt; download it again")
                 out[k] = (dtype, shape, 8 + n + a, 8 + n + b)
         except NanovlError:
             raise
@@ -276,22 +287,21 @@ def safetensors_header(file: Path) -> dict:
 
 def checkpoint_files(path: Path) -> list[Path]:
     """model.safetensors, or the shards named by model.safetensors.index.json (which must stay inside `path`)."""
-    index = path / "model.safetensors.index.json"
+    index = checkpoint_file(path, "model.safetensors.index.json")
     if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except Exception as e:
-            raise NanovlError(f"cannot read {index}: {type(e).__name__}: {e}") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise NanovlError(f"{index} has no weight_map {{tensor name: shard file}}: the index is corrupt")
         files = []
-        for name in names:
-            f = (path / str(name)).resolve()
-            if not isinstance(name, str) or f.parent != path.resolve() or not f.name.endswith(".safetensors"):
-                raise NanovlError(f"{index} names {name!r}: a shard must be a .safetensors file in {path}")
+        for name in dict.fromkeys(weight_map.values()):
+            if not isinstance(name, str) or not name.endswith(".safetensors") or name != Path(name).name:
+                raise NanovlError(f"{index} names {name!r} as a shard: a shard must be a .safetensors file in {path}")
+            f = checkpoint_file(path, name)
             if not f.exists():
-                raise NanovlError(f"missing checkpoint shard {path / name} (listed in {index.name})")
+                raise NanovlError(f"missing checkpoint shard {f} (listed in {index.name})")
             files.append(f)
-        return files
-    files = sorted(path.glob("*.safetensors"))
+        return sorted(files)
+    files = [checkpoint_file(path, f.name) for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise NanovlError(f"{path} has no *.safetensors files (nanovl reads safetensors checkpoints only)")
     return files
@@ -344,12 +354,40 @@ def read_into(path: Path, fmt: str, cfg: InternVLConfig, shapes: dict, dtype, de
               private=lambda key: True, strict=True) -> dict:
     """Read the nanovl tensors `shapes` (name -> shape) from checkpoint `path`: {name: tensor}. Each checkpoint tensor
     is read into its rows of a fresh buffer, or memory-mapped where private(name) is False and no conversion is
-    needed. strict: every checkpoint tensor must be one of their parts (the ViT blocks after select_layer excepted)."""
+    needed. strict: every checkpoint tensor must be one of their parts (the ViT blocks after select_layer excepted).
+    The headers are checked against `shapes` first: nothing is allocated for a checkpoint that does not fit."""
     table = {ck: (key, rows) for key, shape in shapes.items() for ck, rows in parts(key, shape, cfg, fmt)}
     built = {int(m[1]) for k in shapes if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))}
     vit_block = re.compile(r"(?:model\.)?(?:vision_model|vision_tower)\.encoder\.layers?\.(\d+)\.")
     canonical = (lambda ck: rename(ck, HF_OLD_PREFIXES)) if fmt == "hf" else (lambda ck: peft_name(ck)[0])
-    out, seen, unexpected, bad_shape = {}, set(), [], []
+    out, found, unexpected, bad_shape = {}, {}, [], []
+
+    def expected(name):  # the shape of checkpoint tensor `name`: its rows of the nanovl tensor
+        key, rows = table[name]
+        n = shapes[key][0] if len(shapes[key]) else 0
+        return list(shapes[key]) if rows is None else \
+            [len(range(*rows.indices(n))) if isinstance(rows, slice) else len(rows), *shapes[key][1:]]
+
+    for file in checkpoint_files(path):
+        for ck, (_, shape, _, _) in safetensors_header(file).items():
+            name = canonical(ck)
+            if peft_name(ck)[1]:  # a LoRA A or B: merged after loading (merge_adapters)
+                continue
+            if name in found:
+                raise NanovlError(f"tensor {name} is in both {found[name].name} and {file.name} of {path}: remove "
+                                  "the stale file")
+            if name in table:
+                found[name] = file
+                if shape != expected(name):
+                    bad_shape.append(f"{name}: checkpoint {tuple(shape)}, config.json says {tuple(expected(name))}")
+            elif strict and not ((m := vit_block.match(ck)) and int(m[1]) >= len(built)):  # a block after select_layer
+                unexpected.append(ck)
+    missing = [ck for ck in table if ck not in found]
+    problems = [("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", bad_shape)]
+    if any(items for _, items in problems):
+        msg = "; ".join(f"{what} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+                        for what, items in problems if items)
+        raise NanovlError(f"checkpoint {path} does not match its config.json: {msg}")
 
     def buffer(key):  # where a stacked, grouped or private tensor is assembled
         if key not in out:
@@ -362,36 +400,15 @@ def read_into(path: Path, fmt: str, cfg: InternVLConfig, shapes: dict, dtype, de
             return buffer(key) if private(key) else None
         return buffer(key)[rows] if isinstance(rows, slice) else None  # slices of dim 0 are contiguous views
 
-    def wanted(ck):
-        if peft_name(ck)[1]:  # a LoRA A or B: merged after loading (merge_adapters)
-            return False
-        if canonical(ck) in table:
-            return True
-        if strict and not ((m := vit_block.match(ck)) and int(m[1]) >= len(built)):  # a block after select_layer
-            unexpected.append(ck)
-        return False
-
+    wanted = lambda ck: not peft_name(ck)[1] and canonical(ck) in table  # noqa: E731
     for ck, t in read_tensors(path, dtype, into, wanted):
         key, rows = table[canonical(ck)]
-        n = shapes[key][0] if len(shapes[key]) else 0
-        want = list(shapes[key]) if rows is None else \
-            [len(range(*rows.indices(n))) if isinstance(rows, slice) else len(rows), *shapes[key][1:]]
-        if list(t.shape) != want:
-            bad_shape.append(f"{canonical(ck)}: checkpoint {tuple(t.shape)}, config.json says {tuple(want)}")
-            continue
-        seen.add(canonical(ck))
         if rows is None:
             out.setdefault(key, t)  # memory-mapped, or already read into buffer(key)
         elif isinstance(rows, torch.Tensor):
             buffer(key)[rows] = t
         elif buffer(key)[rows].data_ptr() != t.data_ptr():
             buffer(key)[rows] = t
-    missing = [ck for ck in table if ck not in seen]
-    problems = [("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", bad_shape)]
-    if any(items for _, items in problems):
-        msg = "; ".join(f"{what} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
-                        for what, items in problems if items)
-        raise NanovlError(f"checkpoint {path} does not match its config.json: {msg}")
     return {k: t.to(device) for k, t in out.items()}
 
 
@@ -423,16 +440,21 @@ def load_adapters(model, path: Path) -> int:
     """Merge LoRA adapters saved alone (adapter_model.safetensors + adapter_config.json: nanovl.train
     --save-lora-adapters) into a loaded model. -> the number of merged pairs."""
     path = Path(path)
-    file, conf = path / "adapter_model.safetensors", path / "adapter_config.json"
+    file, conf = checkpoint_file(path, "adapter_model.safetensors"), checkpoint_file(path, "adapter_config.json")
     if not file.exists() or not conf.exists():
         raise NanovlError(f"{path} has no adapter_model.safetensors and adapter_config.json")
-    c = json.loads(conf.read_text())
+    c = read_json(conf)
+    try:
+        r, alpha = limits.whole(c.get("r"), "r", 1), limits.number(c.get("lora_alpha"), "lora_alpha")
+    except (TypeError, NanovlError) as e:
+        raise NanovlError(f"{conf}: {e}") from None
     header = safetensors_header(file)
-    tensors = {}
-    with safe_open(file, framework="pt") as f:
-        for k in header:
-            tensors[k] = f.get_tensor(k)
-    return merge_adapters(model, tensors, c["lora_alpha"] / c["r"])
+    try:
+        with safe_open(file, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in header}
+    except Exception as e:  # SafetensorError: a damaged file, named
+        raise NanovlError(f"cannot read {file}: {type(e).__name__}: {e}") from None
+    return merge_adapters(model, tensors, alpha / r)
 
 
 # -----------------------------------------------------------------------------
@@ -477,6 +499,8 @@ def save_pretrained(model, out_dir, dtype: torch.dtype = torch.bfloat16, max_sha
     max_shard_size bytes, with model.safetensors.index.json), and the source checkpoint's tokenizer files,
     generation config and remote-code *.py files, so that nanovl.load and the original code both load it.
     state_dict: write these tensors (nanovl names; e.g. gathered from shards, LoRA merged) instead of the model's."""
+    dtype = limits.dtype(dtype)
+    limits.whole(max_shard_size, "max_shard_size", 1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {**original_state_dict(model, state_dict=state_dict), **carried_tensors(model, dtype)}
@@ -514,7 +538,7 @@ def save_pretrained(model, out_dir, dtype: torch.dtype = torch.bfloat16, max_sha
     if source is not None and source[0].resolve() != out_dir.resolve():
         for f in list(COPIED_FILES) + [p.name for p in source[0].glob("*.py")]:
             if (source[0] / f).is_file():
-                shutil.copy2(source[0] / f, out_dir / f)
+                shutil.copy2(checkpoint_file(source[0], f), out_dir / f)
     return out_dir
 
 

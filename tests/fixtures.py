@@ -390,6 +390,31 @@ def lm_weights(lc: dict, rnd: _Rand) -> dict:
     return sd
 
 
+def flash_weights(vc: dict, lc: dict, rnd: _Rand) -> dict:
+    """InternVL3.5-Flash's router and 64-token projector, with the key names and shapes of the Flash checkpoints'
+    remote code (/work/notes/flash.md section 2): mlp2.{0,1,4,7}, pooling_before_gating.{query_token,attn1-4,norm1-4},
+    gating.block1-4.{0,3,5}, gating.gate.{0,1}."""
+    C, D = vc["hidden_size"], lc["hidden_size"]
+    sd = {"mlp2.0.weight": rnd.norm(16 * C), "mlp2.0.bias": rnd.bias(16 * C),
+          "mlp2.1.weight": rnd.linear(2 * D, 16 * C), "mlp2.1.bias": rnd.bias(2 * D),
+          "mlp2.4.weight": rnd.linear(2 * D, 2 * D), "mlp2.4.bias": rnd.bias(2 * D),
+          "mlp2.7.weight": rnd.linear(D, 2 * D), "mlp2.7.bias": rnd.bias(D),
+          "pooling_before_gating.query_token": rnd.normal(1, C)}
+    for i in range(1, 5):
+        p = f"pooling_before_gating.attn{i}."
+        sd.update({p + "in_proj_weight": rnd.linear(3 * C, C), p + "in_proj_bias": rnd.bias(3 * C),
+                   p + "out_proj.weight": rnd.linear(C, C), p + "out_proj.bias": rnd.bias(C),
+                   f"pooling_before_gating.norm{i}.weight": rnd.norm(C),
+                   f"pooling_before_gating.norm{i}.bias": rnd.bias(C)})
+        b = f"gating.block{i}."
+        sd.update({b + "0.weight": rnd.linear(4 * C, C), b + "0.bias": rnd.bias(4 * C),
+                   b + "3.weight": rnd.linear(C, 4 * C), b + "3.bias": rnd.bias(C),
+                   b + "5.weight": rnd.norm(C), b + "5.bias": rnd.bias(C)})
+    sd.update({"gating.gate.0.weight": rnd.norm(C), "gating.gate.0.bias": rnd.bias(C),
+               "gating.gate.1.weight": rnd.linear(2, C), "gating.gate.1.bias": torch.tensor([1.2, 0.0])})
+    return sd  # the gate bias favours "compress" a little, so that random weights give mixed decisions
+
+
 # ----------------------------------------------------------------------------------------
 # writing checkpoints
 # ----------------------------------------------------------------------------------------
@@ -468,7 +493,8 @@ def write_checkpoint(path, llm="qwen2", vit="300m", *, ps_version="v2", template
     """Write a tiny random InternVL checkpoint in the original OpenGVLab layout into `path`.
 
     overrides: top-level config.json fields; `vision_config={...}` / `llm_config={...}` are merged
-    into the sub-configs. Returns the state dict that was written (original key names, fp32).
+    into the sub-configs; `flash_mode=...` makes it an InternVL3.5-Flash checkpoint (router weights written too).
+    Returns the state dict that was written (original key names, fp32).
 
     The weights depend only on (seed, shapes): the vision tower and projector are drawn first from
     one generator, the decoder from a second one (seed + 1), so two checkpoints with the same seed and
@@ -491,6 +517,8 @@ def write_checkpoint(path, llm="qwen2", vit="300m", *, ps_version="v2", template
     sd = vision_weights(vc, _Rand(seed))
     sd.update(projector_weights(vc, lc, cfg["downsample_ratio"], _Rand(seed + 1000)))
     sd.update({"language_model." + k: v for k, v in lm_weights(lc, _Rand(seed + 1)).items()})
+    if "flash_mode" in cfg:  # an InternVL3.5-Flash checkpoint: the router and mlp2 too
+        sd.update(flash_weights(vc, lc, _Rand(seed + 2000)))
     write_config(cfg, path)
     save_weights(sd, path, shards)
     return sd

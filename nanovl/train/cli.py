@@ -1,9 +1,12 @@
 """python -m nanovl.train --model DIR_OR_HUB_ID --meta META.json --output DIR [flags named as the original's]."""
-import argparse
 import sys
 import typing
+from argparse import BooleanOptionalAction
 from dataclasses import MISSING, fields
+from pathlib import Path
 
+from nanovl import limits
+from nanovl.cli import Parser
 from nanovl.errors import NanovlError
 from nanovl.train.trainer import TrainArgs, finetune
 
@@ -75,8 +78,8 @@ HELP = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nanovl.train", description="Fine-tune an InternVL checkpoint "
+def parser() -> Parser:
+    p = Parser(prog="python -m nanovl.train", description="Fine-tune an InternVL checkpoint "
                                 "(supervised), as the original InternVL code does.")
     hints = typing.get_type_hints(TrainArgs)
     for f in fields(TrainArgs):
@@ -84,19 +87,50 @@ def parser() -> argparse.ArgumentParser:
         kind = next(k for k in kind if k is not type(None))
         required = f.default is MISSING
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP.get(f.name))
+            p.add_argument(flag, action=BooleanOptionalAction, default=f.default, help=HELP.get(f.name))
         else:
             p.add_argument(flag, type=kind, default=None if required else f.default, required=required,
                            help=HELP.get(f.name), metavar=f.name.upper() if kind is not str else None)
     return p
 
 
+def check_options(a) -> None:
+    """The ranges of the flags that finetune's own check() leaves open, before anything loads (one line each)."""
+    for name, lo in (("max_seq_length", 1), ("max_dynamic_patch", 1), ("min_dynamic_patch", 1),
+                     ("save_total_limit", 1)):
+        if getattr(a, name) is not None:
+            limits.whole(getattr(a, name), f"--{name.replace('_', '-')}", lo)
+    if a.max_dynamic_patch is not None:
+        limits.within("MAX_TILES", a.max_dynamic_patch, "--max-dynamic-patch", "use fewer tiles")
+        if a.min_dynamic_patch is not None and a.min_dynamic_patch > a.max_dynamic_patch:
+            raise NanovlError(f"--min-dynamic-patch {a.min_dynamic_patch} is above --max-dynamic-patch "
+                              f"{a.max_dynamic_patch}")
+    limits.whole(a.min_num_frame, "--min-num-frame", 1)
+    limits.whole(a.max_num_frame, "--max-num-frame", a.min_num_frame)
+    limits.within("MAX_FRAMES", a.max_num_frame, "--max-num-frame", "sample fewer frames")
+    if a.sampling_method not in ("rand", "middle"):
+        raise NanovlError(f"--sampling-method must be rand or middle, got {a.sampling_method!r}")
+    if a.drop_path_rate is not None:
+        limits.number(a.drop_path_rate, "--drop-path-rate", 0, 1)
+        if a.drop_path_rate == 1:
+            raise NanovlError("--drop-path-rate 1 drops every ViT block: use a rate below 1")
+    limits.number(a.max_grad_norm, "--max-grad-norm", 0)
+    limits.number(a.num_train_epochs, "--num-train-epochs", 0)
+    limits.whole(a.seed, "--seed", 0, 2 ** 32 - 1)  # numpy's generator takes 32 bits
+    if a.device is not None:
+        limits.device(a.device, "--device")
+    if Path(a.output).exists() and not Path(a.output).is_dir():
+        raise NanovlError(f"--output {a.output} is a file: give a folder for the trained checkpoint")
+
+
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    """Bad options or data: one `error:` line and status 2; Ctrl-C: status 130."""
     try:
+        args = parser().parse_args(argv)
+        check_options(args)
         finetune(TrainArgs(**vars(args)))
-    except NanovlError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (NanovlError, OSError) as e:
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
