@@ -7,6 +7,7 @@ import torch
 
 from nanovl import generation, limits
 from nanovl.errors import NanovlError
+from nanovl.router import compress_prompt
 from nanovl.template import build_prompt, expand_images, get_template
 
 
@@ -17,14 +18,15 @@ class History(list):
 
     def __init__(self, turns=(), vision=None):
         super().__init__(turns)
-        self.vision = vision  # (pixel_values, its _version, vit_embeds) of the last encoded image(s)
+        self.vision = vision  # (pixel_values, (its _version, flash_force), vit_embeds) of the last encoded image(s)
 
     def features(self, model, pixel_values, stats=None):
         """vit_embeds of pixel_values: remembered from an earlier turn of this conversation, or encoded now."""
         pv, version, vit = self.vision or (None, None, None)
-        if pv is not pixel_values or version != pixel_values._version:
+        key = (pixel_values._version, model.flash_force)  # Flash: forcing 256 or 64 tokens changes the features
+        if pv is not pixel_values or version != key:
             vit = generation.encode_images(model, pixel_values, stats)
-            self.vision = (pixel_values, pixel_values._version, vit)
+            self.vision = (pixel_values, key, vit)
         return vit
 
 
@@ -128,6 +130,9 @@ def stream(model, question: str, pixel_values=None, history=None, num_patches_li
     stats = stats if stats is not None else generation.Stats()
     conversation = history if isinstance(history, History) else History()
     vit_embeds = None if pixel_values is None else conversation.features(model, pixel_values, stats)
+    if isinstance(vit_embeds, list):  # Flash: a compressed tile keeps 64 of its 256 <IMG_CONTEXT> (router.py)
+        stats.compressed = [len(t) < model.config.num_image_token for t in vit_embeds]
+        ids = compress_prompt(ids, [len(t) for t in vit_embeds], model.img_context_token_id)
     stop = model.tokenizer.token_to_id(template.sep.strip())
     input_ids = torch.tensor([ids], device=model.device)
     tokens = generation.generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=stop,

@@ -2,11 +2,12 @@
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 import nanovl
-from nanovl import limits
+from nanovl import limits, preprocess, router
 from nanovl.chat import History
 from nanovl.errors import NanovlError
 from nanovl.generation import Stats
@@ -48,7 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (opt-in)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only language-model linears (opt-in; not the ViT)")
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end")
-    p.add_argument("--verbose", action="store_true", help="print tiles, tokens, timings and memory")
+    p.add_argument("--verbose", action="store_true", help="print tiles, tokens, timings and memory (Flash: which "
+                   "tiles the router compressed)")
+    p.add_argument("--flash", choices=["router", "256", "64"], default=None, help="InternVL3.5-Flash: the router "
+                   "gives each tile 256 or 64 tokens (default), or force every tile to 256 (the dense model) or 64")
+    p.add_argument("--show-routing", metavar="FILE", default=None, help="InternVL3.5-Flash: draw each --image's "
+                   "tiles, tinted by the router's decision, into FILE (a .png; FILE-2.png ... for more images)")
     return p.parse_args(argv)
 
 
@@ -64,6 +70,8 @@ def check_options(args) -> torch.device:
             limits.text(getattr(args, flag), f"--{flag}")
     if args.image and args.video:
         raise NanovlError("give --image or --video, not both")
+    if args.show_routing and not args.image:
+        raise NanovlError("--show-routing draws the tiles of --image: give one")
     if args.chat and (sys.stdin is None or sys.stdin.closed):
         raise NanovlError("--chat reads the questions from stdin, which is closed")
     return limits.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
@@ -104,6 +112,29 @@ def report(stats: Stats, pixel_values, patches, device):
           f"TTFT {ttft:.2f}s | prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.1f} tok/s | "
           f"decode {stats.new_tokens} tokens at {stats.decode_tps():.1f} tok/s | peak memory {peak:.2f} GiB]",
           file=sys.stderr)
+    start = 0
+    for i, n in enumerate(patches if stats.compressed is not None else []):  # Flash: the router's decisions
+        squeezed = [k + 1 for k in range(n) if stats.compressed[start + k]]
+        print(f"[router: image {i + 1}: {len(squeezed)} of {n} tiles compressed to 64 tokens "
+              f"{squeezed if squeezed else ''}, {192 * len(squeezed)} image tokens saved "
+              f"({256 * n - 192 * len(squeezed)} of {256 * n})]", file=sys.stderr)
+        start += n
+
+
+def show_routing(args, config, pixel_values, patches, compressed):
+    """--show-routing FILE: each image's tiles as the router saw them, tinted by its decision (router.tile_map)."""
+    if compressed is None:
+        raise NanovlError("--show-routing needs an InternVL3.5-Flash checkpoint with its router on")
+    out, start = Path(args.show_routing), 0
+    max_tiles = args.max_tiles if args.max_tiles is not None else config.max_dynamic_patch
+    for i, (path, n) in enumerate(zip(args.image, patches)):
+        w, h = preprocess.open_image(path).size
+        cols, rows = preprocess.closest_grid(w, h, min(config.min_dynamic_patch, max_tiles), max_tiles,
+                                             config.image_size) if n > 1 else (1, 1)
+        tiles = [preprocess.to_image(t) for t in pixel_values[start:start + n]]
+        picture = router.tile_map(tiles, cols, rows, compressed[start:start + n])
+        picture.save(out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}"))
+        start += n
 
 
 def answer(model, args, question, pixel_values, patches, history) -> str:
@@ -118,6 +149,8 @@ def answer(model, args, question, pixel_values, patches, history) -> str:
     print(text.strip() if args.no_stream else "")
     if args.verbose:
         report(stats, pixel_values, patches, model.device)
+    if args.show_routing and pixel_values is not None and not history:
+        show_routing(args, model.config, pixel_values, patches, stats.compressed)
     return text.strip()
 
 
@@ -153,6 +186,11 @@ def run(args):
     if args.int8:
         from nanovl.quantize import quantize_int8
         quantize_int8(model.language_model)
+    if args.flash is not None:
+        if model.config.flash_mode is None:
+            raise NanovlError(f"--flash: {args.model} is not an InternVL3.5-Flash checkpoint (no flash_mode in its "
+                              "config.json)")
+        model.config.flash_mode, model.flash_force = True, None if args.flash == "router" else int(args.flash)
     pixel_values, patches, prefix = load_media(args, model.config)
     if args.verbose:
         print(f"[{args.model}: {model.config.llm_config.arch}, template {model.config.template}, "

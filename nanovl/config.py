@@ -204,6 +204,10 @@ class InternVLConfig:
     rope_pos_id_version: str = "default"  # V2PE: "default" | "v2pe_fix" | "v2pe_rnd"
     rope_pos_id_stride: int | None = None
     image_token_id: int | None = None  # "-hf" configs only; otherwise the tokenizer's <IMG_CONTEXT>
+    # InternVL3.5-Flash: present (true or false) -> the router and mlp2 are built; true -> chat routes every tile
+    flash_mode: bool | None = None
+    flash_relative_threshold: float | None = None  # compress a tile if its score is above this quantile of the call's
+    flash_absolute_threshold: float | None = None  # ... and at least this
     raw: dict = field(default_factory=dict, repr=False)  # config.json as read (saving writes it back, updated)
 
     @property
@@ -269,6 +273,23 @@ class InternVLConfig:
         if not -v.num_hidden_layers - 1 <= self.select_layer <= v.num_hidden_layers:
             raise NanovlError(f"config.json: select_layer {self.select_layer} is outside the ViT's "
                               f"{v.num_hidden_layers} layers")
+        if self.flash_mode is not None:
+            self.check_flash()
+
+    def check_flash(self) -> None:
+        """The Flash router compresses 256-token tiles to 64 (pixel shuffle 0.25): a 32x32 patch grid, downsample
+        0.5, the ViT's last layer (the original's extract_feature_flash ignores select_layer), and thresholds."""
+        grid = self.image_size // self.vision_config.patch_size
+        if grid != 32 or self.downsample_ratio != 0.5 or self.select_layer != -1:
+            raise NanovlError(f"config.json: flash_mode needs a 32x32 patch grid, downsample_ratio 0.5 and "
+                              f"select_layer -1 (the router's 256/64 tokens a tile); got {grid}x{grid}, "
+                              f"{self.downsample_ratio}, {self.select_layer}")
+        if not isinstance(self.flash_mode, bool):
+            raise NanovlError(f"config.json: flash_mode must be true or false, got {self.flash_mode!r}")
+        for name in ("flash_relative_threshold", "flash_absolute_threshold"):
+            x = getattr(self, name)
+            if self.flash_mode and (isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 1):
+                raise NanovlError(f"config.json: flash_mode is on, so {name} must be a number in [0, 1], got {x!r}")
 
     def to_dict(self) -> dict:
         """config.json in the original InternVLChatConfig schema: the file this config was read from (or, for a

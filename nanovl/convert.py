@@ -84,6 +84,9 @@ def check_hf(cfg) -> None:
                           "checkpoint (InternVL-Chat-V1-1/V1-2) cannot be written as -hf")
     if cfg.llm_config.arch not in HF_TEXT:
         raise NanovlError(f"transformers' InternVL has no text model for {cfg.llm_config.arch}")
+    if cfg.flash_mode is not None:
+        raise NanovlError("an InternVL3.5-Flash checkpoint (router, mlp2) has no -hf form in transformers' InternVL: "
+                          "keep it in the original layout")
 
 
 def original_config(cfg, dtype: str) -> dict:

@@ -30,16 +30,21 @@ class Stats:
     decode_s: float = 0.0  # first to last token
     prompt_tokens: int = 0
     new_tokens: int = 0
+    compressed: list | None = None  # Flash: the router's decision for each tile (True: 64 tokens, False: 256)
 
     def decode_tps(self) -> float:
         return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
 
 
 @torch.inference_mode()
-def encode_images(model, pixel_values, stats: Stats | None = None) -> torch.Tensor:
-    """The one place inference runs the vision encoder: (tiles, 3, 448, 448) -> (tiles, 256, D), timed."""
+def encode_images(model, pixel_values, stats: Stats | None = None):
+    """The one place inference runs the vision encoder: (tiles, 3, 448, 448) -> (tiles, 256, D), timed.
+    A Flash model with its router on gives a list of per-tile (256 or 64, D) tensors instead."""
     t0 = time.perf_counter()
-    vit_embeds = model.extract_feature(pixel_values)
+    if model.routes:
+        vit_embeds = model.extract_feature_flash(pixel_values)[0]
+    else:
+        vit_embeds = model.extract_feature(pixel_values)
     if stats is not None:
         stats.vision_s = time.perf_counter() - t0
     return vit_embeds

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
-from nanovl import chat as chat_api, generation, limits, preprocess, weights
+from nanovl import chat as chat_api, generation, limits, preprocess, router, weights
 from nanovl.config import InternVLConfig
 from nanovl.errors import NanovlError
 from nanovl.llm import LanguageModel, token_losses
@@ -59,6 +59,11 @@ class InternVL(nn.Module):
         self.mlp1 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, llm.hidden_size), nn.GELU(),
                                   nn.Linear(llm.hidden_size, llm.hidden_size))  # PyTorch's default init, as the original
         self.language_model = LanguageModel(llm)
+        if config.flash_mode is not None:  # InternVL3.5-Flash: the router and the 64-token projector (router.py)
+            self.mlp2 = router.mlp2(v.hidden_size, llm.hidden_size)
+            self.pooling_before_gating = router.CrossAttentionPooling(v.hidden_size)
+            self.gating = router.Gating(v.hidden_size)
+        self.flash_force = None  # Flash only: None lets the router decide; 256 or 64 gives every tile that many tokens
         self.tokenizer = None  # set by nanovl.load()
         self.img_context_token_id = config.image_token_id  # the tokenizer's <IMG_CONTEXT> once loaded
         self.rope_pos_id_version, self.rope_pos_id_stride = config.rope_pos_id_version, config.rope_pos_id_stride
@@ -77,18 +82,64 @@ class InternVL(nn.Module):
         x = pixel_shuffle(x.reshape(N, side, side, C), self.config.downsample_ratio, self.config.ps_version)
         return self.mlp1(x.reshape(N, -1, x.shape[-1]).to(proj.dtype))  # (N, 256, 4C) -> (N, 256, D)
 
+    @property
+    def routes(self) -> bool:
+        """Whether chat and generate send the tiles through the Flash router (flash_mode on in config.json)."""
+        return bool(self.config.flash_mode)
+
+    def extract_feature_flash(self, pixel_values: torch.Tensor):
+        """Flash: the ViT once, the router's scores, then each tile through mlp1 (256 tokens) or, if compressed, pixel
+        shuffle 0.25 + mlp2 (64 tokens). (N, 3, 448, 448) -> ([N tensors (256 or 64, D)], scores (N,), compressed (N,))."""
+        proj = self.mlp1[1].weight
+        x = self.vision_model(pixel_values.to(device=proj.device))[:, 1:].to(proj.dtype)  # (N, 1024, C)
+        scores, compressed = self.decide(x)
+        N, P, C = x.shape
+        grid = x.reshape(N, 32, 32, C)
+        out = [None] * N
+        for keep, mlp, scale in ((~compressed, self.mlp1, 0.5), (compressed, self.mlp2, 0.25)):
+            if keep.any():  # (n, 32s, 32s, C/s^2) -> (n, 1024 s^2, D): 256 tokens at s = 0.5, 64 at s = 0.25
+                y = pixel_shuffle(grid[keep], scale, self.config.ps_version)
+                for i, t in zip(keep.nonzero()[:, 0].tolist(), mlp(y.reshape(len(y), -1, y.shape[-1]))):
+                    out[i] = t
+        return out, scores, compressed
+
+    def decide(self, x: torch.Tensor):
+        """(N, 1024, C) ViT tokens -> the router's probability of compressing each tile (N,) and its decisions (N,),
+        relative to all N tiles; flash_force (256 or 64) overrides the decisions, not the scores."""
+        scores = self.gating(self.pooling_before_gating(x))[:, 0]  # (N,)
+        if self.flash_force is None:
+            c = self.config
+            return scores, router.decide(scores, c.flash_relative_threshold, c.flash_absolute_threshold)
+        if self.flash_force not in (256, 64):
+            raise NanovlError(f"flash_force must be None, 256 or 64, got {self.flash_force!r}")
+        return scores, torch.full_like(scores, self.flash_force == 64, dtype=torch.bool)
+
+    @torch.inference_mode()
+    def route(self, pixel_values: torch.Tensor):
+        """Flash: what the router decides for the tiles of one call (all images together, as chat does):
+        (N, 3, 448, 448) -> (scores (N,) fp32, the probability of "compress"; compressed (N,) bool)."""
+        if not hasattr(self, "gating"):
+            raise NanovlError("this checkpoint has no Flash router (config.json has no flash_mode)")
+        limits.pixel_values(pixel_values, self.config.image_size, self.config.vision_config.num_channels)
+        proj = self.mlp1[1].weight
+        scores, compressed = self.decide(self.vision_model(pixel_values.to(proj.device))[:, 1:].to(proj.dtype))
+        return scores.float(), compressed
+
     def embed(self, input_ids, vit_embeds=None) -> torch.Tensor:
-        """Token embeddings (B, T, D) with the <IMG_CONTEXT> slots filled by the image tokens (tiles, 256, D), in order."""
+        """Token embeddings (B, T, D) with the <IMG_CONTEXT> slots filled by the image tokens, in order: a (tiles, 256,
+        D) tensor, or a list of per-tile (n, D) tensors (Flash: 256 or 64 each)."""
         x = self.language_model.model.embed_tokens(input_ids)
         if vit_embeds is None:
             return x
         if self.img_context_token_id is None:
             raise NanovlError("img_context_token_id is not set: load a checkpoint with tokenizer files or set it")
+        if isinstance(vit_embeds, (list, tuple)):
+            vit_embeds = torch.cat(list(vit_embeds))  # (sum of the tiles' tokens, D)
         slots = input_ids == self.img_context_token_id  # (B, T)
-        if int(slots.sum()) != vit_embeds.shape[0] * vit_embeds.shape[1]:
+        tokens = vit_embeds.numel() // vit_embeds.shape[-1]
+        if int(slots.sum()) != tokens:
             raise NanovlError(f"the prompt has {int(slots.sum())} <IMG_CONTEXT> tokens but the images give "
-                              f"{vit_embeds.shape[0]} tiles x {vit_embeds.shape[1]} = "
-                              f"{vit_embeds.shape[0] * vit_embeds.shape[1]} image tokens")
+                              f"{tokens} image tokens")
         return x.masked_scatter(slots[..., None], vit_embeds.to(x.dtype))  # batch-major, image by image
 
     def positions(self, input_ids, attention_mask=None, generator=None) -> torch.Tensor:
@@ -142,10 +193,33 @@ class InternVL(nn.Module):
                 else eos_token_id:
             limits.whole(i, "eos_token_id", 0)
         limits.generation(max_new_tokens, **sampling)
-        vit_embeds = None if pixel_values is None else generation.encode_images(self, pixel_values)
+        if pixel_values is not None and self.routes:  # Flash: each row's tiles routed together, its prompt compressed
+            input_ids, attention_mask, vit_embeds = self.route_rows(input_ids, attention_mask, pixel_values)
+        else:
+            vit_embeds = None if pixel_values is None else generation.encode_images(self, pixel_values)
         tokens = list(generation.generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id,
                                           vit_embeds=vit_embeds, **sampling))
         return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
+
+    def route_rows(self, input_ids, attention_mask, pixel_values):
+        """Flash generate(): prompts built with 256 <IMG_CONTEXT> a tile -> the prompts with each compressed tile's
+        192 extra tokens dropped, left-padded again. The original takes one prompt; here each row's tiles (in order)
+        are routed among themselves, as that row alone would be."""
+        rows, tiles, start = [], [], 0
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        for ids, m in zip(input_ids.tolist(), mask.tolist()):
+            ids = [i for i, keep in zip(ids, m) if keep]  # the row without its left padding
+            n = sum(i == self.img_context_token_id for i in ids) // self.config.num_image_token
+            own = generation.encode_images(self, pixel_values[start:start + n]) if n else []
+            rows.append(router.compress_prompt(ids, [len(t) for t in own], self.img_context_token_id))
+            tiles, start = tiles + own, start + n
+        if start != len(pixel_values):
+            raise NanovlError(f"the prompts have {start} tiles' <IMG_CONTEXT> blocks but pixel_values has "
+                              f"{len(pixel_values)} tiles")
+        T = max(map(len, rows))
+        ids = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=input_ids.device)  # 0: masked padding
+        mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=input_ids.device)
+        return ids, (None if bool(mask.all()) else mask), tiles
 
     def load_image(self, image, max_num: int | None = None, use_thumbnail: bool | None = None) -> torch.Tensor:
         """An image file (or PIL image) -> (tiles, 3, 448, 448) tiled as this checkpoint's config says

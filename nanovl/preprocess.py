@@ -82,6 +82,14 @@ def to_tensor(image, image_size=448):
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
     return (x - mean) / std  # Normalize, float32
 
+
+def to_image(x: torch.Tensor):
+    """The inverse of to_tensor, for pictures: (3, H, W) normalized -> PIL RGB image."""
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    rgb = (x.float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()  # (3, H, W)
+    return Image.fromarray(rgb.permute(1, 2, 0).numpy())
+
 def _path(path, what: str) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what} must be a file path (str or Path){' or a PIL image' * (what == 'image')}, "

@@ -7,10 +7,15 @@ decides whether the tile keeps 256 image tokens (pixel shuffle 0.5 + mlp1) or is
     compress the tile  iff  p > quantile(p of every tile of the call, flash_relative_threshold)
                        and  p >= flash_absolute_threshold
 
-so a call with a single tile is never compressed, and the least likely tiles never are.
+so a call with a single tile is never compressed, and the least likely tiles never are. The prompt is built with
+256 <IMG_CONTEXT> a tile, and a compressed tile's block keeps its first 64 (compress_prompt); positions stay
+contiguous. Sources: the Flash checkpoints' modeling_internvl_chat.py (extract_feature_flash, generate_flash,
+compress_visual_tokens_in_sentence); shared/reference/internvl3_5.md section 2.
 """
 import torch
 import torch.nn as nn
+
+from nanovl.errors import NanovlError
 
 
 class CrossAttentionPooling(nn.Module):
@@ -65,6 +70,31 @@ def decide(p: torch.Tensor, relative: float, absolute: float) -> torch.Tensor:
     thresholds to bf16, which can change a decision)."""
     r = torch.quantile(p.float(), relative)
     return (p > r.to(p.dtype)) & (p >= torch.tensor(absolute, dtype=p.dtype))
+
+
+def compress_prompt(ids: list, tile_tokens: list, img_context_id: int, block: int = 256) -> list:
+    """The original's compress_visual_tokens_in_sentence for one prompt: every run of <IMG_CONTEXT> is cut into
+    blocks of 256, one per tile in order, and tile k's block keeps its first tile_tokens[k] (256, or 64 when the
+    router compressed it). (T,) ids -> (T - dropped,) ids."""
+    out, k, t = [], 0, 0
+    while t < len(ids):
+        if ids[t] != img_context_id:
+            out.append(ids[t])
+            t += 1
+            continue
+        n = next((i for i in range(t, len(ids)) if ids[i] != img_context_id), len(ids)) - t  # this run's length
+        if n % block:
+            raise NanovlError(f"a run of {n} <IMG_CONTEXT> tokens is not a whole number of {block}-token tiles: "
+                              "the Flash router needs the prompt built with 256 a tile")
+        for _ in range(n // block):
+            if k == len(tile_tokens):
+                raise NanovlError(f"the prompt has more {block}-token image blocks than the {len(tile_tokens)} tiles")
+            out += [img_context_id] * tile_tokens[k]
+            k += 1
+        t += n
+    if k != len(tile_tokens):
+        raise NanovlError(f"the prompt has {k} {block}-token image blocks but there are {len(tile_tokens)} tiles")
+    return out
 
 
 def tile_map(tiles: list, cols: int, rows: int, compressed, size: int = 224):

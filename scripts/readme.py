@@ -38,7 +38,7 @@ def parity() -> str:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "diffs.json"
         subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_parity.py", "tests/test_families.py",
-                        "tests/test_finetune.py"],
+                        "tests/test_finetune.py", "tests/test_flash.py"],
                        cwd=ROOT, check=True, env={**os.environ, "NANOVL_PARITY_REPORT": str(report)})
         diffs = json.loads(report.read_text())
     rows = "\n".join(f"| {name} | {'bit-identical' if d == 0 else f'{d:.1e}'} |" for name, d in diffs.items())

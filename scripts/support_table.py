@@ -42,6 +42,8 @@ TESTS = {
            K + "test_v1_2_logits_match_transformers_with_the_v1_grid", K + "test_v1_2_cli_runs_with_one_tile"],
     "hf": [K + "test_hf_config_reads_into_the_same_model[{hf}]", K + "test_hf_checkpoint_gives_the_original_logits",
            P + "test_hf_format_checkpoint_matches_original"],
+    "flash": ["test_flash.py::test_flash_chat_against_reference", "test_flash.py::test_forced_256_is_the_dense_model",
+              "test_flash.py::test_flash_checkpoint_saves_and_refuses_hf"],
     "prompt": [K + "test_golden_prompt[{template}]", "test_chat.py::test_template_renders_the_spec_prompt[{template}]"],
 }
 FAMILY = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3",
@@ -79,6 +81,8 @@ def labels(c: ck.Checkpoint) -> list[str]:
         out.append("v1")
     if c.hf:
         out.append("hf")
+    if c.config.get("flash_mode"):
+        out.append("flash")
     out.append("prompt")
     if tokenizer(c):
         out.append("tokenizer")

@@ -298,6 +298,20 @@ CHECKPOINTS: list[Checkpoint] = [
     _row("InternVL3_5-38B", "3.5", "InternViT-6B-448px-V2_5", "Qwen3-32B", qwen3(5120, 64, 64, 8, 25600),
          "internvl2_5", name_size(38), hf="InternVL3_5-38B-HF", also="-Pretrained, -Instruct, -MPO"),
 ]
+
+
+def _flash(dense: Checkpoint, listed: float) -> Checkpoint:
+    """InternVL3.5-Flash: the dense checkpoint plus the router (pooling_before_gating, gating) and mlp2 (internvl3_5.md
+    §2.3); the thresholds are the transformers port's test values (the released ones were not seen offline). The
+    listing gives whole billions, as a size class (2B-Flash: 2.49B)."""
+    config = {**dense.config, "flash_mode": True, "flash_relative_threshold": 0.1, "flash_absolute_threshold": 0.5}
+    published = Published(f"{listed:g}B listed (class: -20%, +1B)", listed * B * 0.8, (listed + 1) * B,
+                          "third-party listing of the Flash collection (internvl3_5.md §2.1), whole billions", "name")
+    return Checkpoint(dense.name + "-Flash", "3.5", dense.vit, dense.base, config, published,
+                      dense.config_source + " + the Flash router", notes="")
+
+
+CHECKPOINTS += [_flash(c, size) for c, size in zip([c for c in CHECKPOINTS if c.series == "3.5"], [1, 2, 5, 9, 15, 40])]
 BY_NAME = {c.name: c for c in CHECKPOINTS}
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -392,7 +392,7 @@ def lm_weights(lc: dict, rnd: _Rand) -> dict:
 
 def flash_weights(vc: dict, lc: dict, rnd: _Rand) -> dict:
     """InternVL3.5-Flash's router and 64-token projector, with the key names and shapes of the Flash checkpoints'
-    remote code (/work/notes/flash.md section 2): mlp2.{0,1,4,7}, pooling_before_gating.{query_token,attn1-4,norm1-4},
+    remote code (shared/reference/internvl3_5.md section 2.3 g): mlp2.{0,1,4,7}, pooling_before_gating.{query_token,attn1-4,norm1-4},
     gating.block1-4.{0,3,5}, gating.gate.{0,1}."""
     C, D = vc["hidden_size"], lc["hidden_size"]
     sd = {"mlp2.0.weight": rnd.norm(16 * C), "mlp2.0.bias": rnd.bias(16 * C),

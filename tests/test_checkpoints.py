@@ -75,7 +75,12 @@ def spec_count(cfg: dict) -> int:
     layer = ((nH + 2 * nKV) * hd * H + bias * (nH + 2 * nKV) * hd + nH * hd * H + o_bias * H
              + 2 * hd * qk_norm + 2 * H + 3 * H * lm["intermediate_size"])
     head = 0 if lm.get("tie_word_embeddings") else V * H
-    return vit + proj + V * H + L * layer + H + head
+    flash = 0
+    if cfg.get("flash_mode") is not None:  # internvl3_5.md §2.3 (g): mlp2, pooling_before_gating, gating
+        flash = (2 * 16 * C + 16 * C * 2 * H + 2 * H + 2 * H * 2 * H + 2 * H + 2 * H * H + H  # mlp2.0/.1/.4/.7
+                 + C + 4 * (3 * C * C + 3 * C + C * C + C + 2 * C)  # query_token, attn1-4, norm1-4
+                 + 4 * (4 * C * C + 4 * C + 4 * C * C + C + 2 * C) + 2 * C + 2 * C + 2)  # block1-4, gate.0, gate.1
+    return vit + proj + V * H + L * layer + H + head + flash
 
 
 # ---------------------------------------------------------------------------------------------
