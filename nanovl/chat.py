@@ -5,7 +5,7 @@ chat/stream/batch_chat -> template.build_prompt + expand_images -> tokenizer -> 
 """
 import torch
 
-from nanovl import generation, limits
+from nanovl import generation, limits, thinking
 from nanovl.errors import NanovlError
 from nanovl.router import compress_prompt
 from nanovl.template import build_prompt, expand_images, get_template
@@ -86,9 +86,10 @@ def _check_call(model, questions, pixel_values, history, system_message, max_new
     limits.generation(max_new_tokens, **sampling)
 
 
-def _prompt(model, template, system_message, history, question) -> str:
-    """The whole conversation as text, before the images are expanded: checked against limits.MAX_PROMPT_CHARS."""
-    prompt = build_prompt(template, _system(model, template, system_message), history, question)
+def _prompt(model, template, system_message, history, question, prefill="") -> str:
+    """The whole conversation as text, before the images are expanded: checked against limits.MAX_PROMPT_CHARS.
+    prefill: the start of the assistant turn (thinking.SUPPRESS for think=False)."""
+    prompt = build_prompt(template, _system(model, template, system_message), history, question) + prefill
     limits.within("MAX_PROMPT_CHARS", len(prompt), "the prompt (system message, history and question)",
                   "use a shorter prompt")
     return prompt
@@ -113,18 +114,19 @@ def with_placeholder(question: str, pixel_values, history) -> str:
 
 @torch.inference_mode()
 def stream(model, question: str, pixel_values=None, history=None, num_patches_list=None, max_new_tokens=1024,
-           system_message=None, stats=None, **sampling):
+           system_message=None, stats=None, think=None, **sampling):
     """Yield the answer as text pieces. Follows the reference chat(): '<image>\\n' is prepended on the first turn
     when the question has no placeholder, and all tiles form one image unless num_patches_list splits them.
     history: earlier turns; a History also keeps (and here reuses or fills) the image features."""
     template = get_template(model.config.template)
+    system_message, prefill = thinking.setup(think, system_message)  # think: as chat(); the pieces keep the tags
     _check_call(model, [question], pixel_values, history, system_message, max_new_tokens, sampling)
     question = with_placeholder(question, pixel_values, history)
     tiles_per_image = num_patches_list  # the reference's keyword; tiles, not 14-pixel patches
     if tiles_per_image is None:
         tiles_per_image = [] if pixel_values is None else [pixel_values.shape[0]]
     _check_tiles(tiles_per_image, pixel_values)
-    prompt = _prompt(model, template, system_message, history or [], question)
+    prompt = _prompt(model, template, system_message, history or [], question, prefill)
     ids, max_new_tokens = _encode(model, expand_images(prompt, tiles_per_image, model.config.num_image_token),
                                   max_new_tokens)
     stats = stats if stats is not None else generation.Stats()
@@ -141,14 +143,17 @@ def stream(model, question: str, pixel_values=None, history=None, num_patches_li
 
 
 def chat(model, question: str, pixel_values=None, history=None, return_history=False, num_patches_list=None,
-         max_new_tokens=1024, system_message=None, **sampling):
-    """One answer (greedy unless temperature > 0); with return_history also the History including this turn, which
-    remembers the image features for the next turn."""
+         max_new_tokens=1024, system_message=None, think=None, **sampling):
+    """One answer (greedy unless temperature > 0); with return_history also the History including this turn (it keeps
+    the image features). think (InternVL3.5): None as the reference, True the reasoning prompt, False thinking
+    suppressed; then the answer is a thinking.Reply: the text after the last </think>, the reasoning in .thinking."""
     if history is not None and not isinstance(history, (list, tuple)):
         raise TypeError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
     conversation = history if isinstance(history, History) else History(history or [])
     answer = "".join(stream(model, question, pixel_values, conversation, num_patches_list, max_new_tokens,
-                            system_message, **sampling)).strip()
+                            system_message, think=think, **sampling)).strip()
+    if think is not None:
+        answer = thinking.Reply.of(answer)
     if return_history:
         turn = (with_placeholder(question, pixel_values, history), answer)
         return answer, History(list(conversation) + [turn], conversation.vision)
@@ -156,10 +161,11 @@ def chat(model, question: str, pixel_values=None, history=None, return_history=F
 
 
 def batch_chat(model, questions, pixel_values=None, num_patches_list=None, max_new_tokens=1024, system_message=None,
-               **sampling):
+               think=None, **sampling):
     """One single-turn answer per question, generated together with left padding.
-    num_patches_list[i] tiles of pixel_values belong to questions[i] (in order)."""
+    num_patches_list[i] tiles of pixel_values belong to questions[i] (in order). think: as chat()."""
     template = get_template(model.config.template)
+    system_message, prefill = thinking.setup(think, system_message)
     if isinstance(questions, str) or not isinstance(questions, (list, tuple)):
         raise TypeError(f"batch_chat takes a list of questions, got {type(questions).__name__}: use chat() for one "
                         "question, or pass [question]")
@@ -172,7 +178,7 @@ def batch_chat(model, questions, pixel_values=None, num_patches_list=None, max_n
         _check_tiles(num_patches_list, pixel_values)
     prompts = []
     for i, q in enumerate(questions):  # each question gets its own image (num_patches_list[i] tiles)
-        prompt = _prompt(model, template, system_message, [], with_placeholder(q, pixel_values, None))
+        prompt = _prompt(model, template, system_message, [], with_placeholder(q, pixel_values, None), prefill)
         images = [] if pixel_values is None else [num_patches_list[i]]
         prompts.append(expand_images(prompt, images, model.config.num_image_token))
     encoded = [_encode(model, p, max_new_tokens) for p in prompts]
@@ -187,4 +193,4 @@ def batch_chat(model, questions, pixel_values=None, num_patches_list=None, max_n
     for row in out.tolist():
         row = row[:row.index(stop)] if stop in row else row
         answers.append(model.tokenizer.decode(row).strip())
-    return answers
+    return answers if think is None else [thinking.Reply.of(a) for a in answers]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import nanovl
-from nanovl import limits, preprocess, router
+from nanovl import limits, preprocess, router, thinking
 from nanovl.chat import History
 from nanovl.errors import NanovlError
 from nanovl.generation import Stats
@@ -37,6 +37,13 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=None, help="the question (default: describe the image/video)")
     p.add_argument("--system", default=None, help="system message (default: the template's)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn conversation")
+    think = p.add_mutually_exclusive_group()  # InternVL3.5 (nanovl/thinking.py); chat(think=True / False) in Python
+    think.add_argument("--think", dest="think", action="store_const", const=True, default=None,
+                       help="InternVL3.5 thinking mode: its reasoning system prompt (not with --system); the <think> "
+                            "part is dimmed on a terminal. Recommended: --temperature 0.6 --top-p 0.95 --top-k 50 "
+                            "--max-tokens 8192")
+    think.add_argument("--no-think", dest="think", action="store_const", const=False,
+                       help="suppress thinking: pre-fill the answer with an empty <think></think> block")
     p.add_argument("--max-tokens", type=int, default=512, help="most new tokens per answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -68,6 +75,9 @@ def check_options(args) -> torch.device:
     for flag in ("prompt", "system"):
         if getattr(args, flag) is not None:
             limits.text(getattr(args, flag), f"--{flag}")
+    if args.think and args.system is not None:
+        raise NanovlError("--think uses InternVL3.5's reasoning prompt as the system message: give --think or "
+                          "--system, not both")
     if args.image and args.video:
         raise NanovlError("give --image or --video, not both")
     if args.show_routing and not args.image:
@@ -140,18 +150,20 @@ def show_routing(args, config, pixel_values, patches, compressed):
 def answer(model, args, question, pixel_values, patches, history) -> str:
     """One turn: stream the answer to stdout (or print it at the end), then the --verbose statistics."""
     stats, text = Stats(), ""
+    show = thinking.Display(dim=args.think is not None and sys.stdout.isatty())  # else prints the pieces as they are
     for piece in model.stream(question, pixel_values, history, patches or None, stats=stats,
                               max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, system_message=args.system, compile=args.compile):
+                              top_k=args.top_k, seed=args.seed, system_message=args.system, compile=args.compile,
+                              think=args.think):
         text += piece
         if not args.no_stream:
-            print(piece, end="", flush=True)
-    print(text.strip() if args.no_stream else "")
+            print(show(piece), end="", flush=True)
+    print(show(text.strip()) + show.close() if args.no_stream else show.close())
     if args.verbose:
         report(stats, pixel_values, patches, model.device)
     if args.show_routing and pixel_values is not None and not history:
         show_routing(args, model.config, pixel_values, patches, stats.compressed)
-    return text.strip()
+    return text.strip() if args.think is None else thinking.Reply.of(text)  # the history keeps the answer only
 
 
 def chat_loop(model, args, pixel_values, patches, prefix):
