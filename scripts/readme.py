@@ -2,7 +2,7 @@
 parity tests) and the speed tables (quoted from benchmarks/results.md, written by `make bench`).
 
     python scripts/readme.py            # both blocks (runs the parity tests, ~1 min)
-    python scripts/readme.py --layout   # only the layout block (what tests/test_readme.py checks)
+    python scripts/readme.py --layout   # the layout and Flash blocks (what tests/test_readme.py checks)
 """
 import ast
 import json
@@ -65,6 +65,12 @@ def speed() -> str:
             f"encoder, which for a 7-tile image saves {cache} on this machine (the reference re-encodes every turn).")
 
 
+def flash() -> str:
+    """The Flash router's time-to-first-token table from benchmarks/flash_results.md (python benchmarks/flash_bench.py)."""
+    md = (ROOT / "benchmarks" / "flash_results.md").read_text().strip().splitlines()
+    return "\n".join(line for line in md[2:] if not line.startswith("Routing picture"))
+
+
 def replace(text: str, block: str, body: str) -> str:
     pattern = re.compile(f"(<!-- {block}:start -->\n).*?(<!-- {block}:end -->)", re.S)
     assert pattern.search(text), f"README.md has no {block} markers"
@@ -74,6 +80,7 @@ def replace(text: str, block: str, body: str) -> str:
 if __name__ == "__main__":
     readme = ROOT / "README.md"
     text = replace(readme.read_text(), "layout", layout())
+    text = replace(text, "flash", flash())
     if "--layout" not in sys.argv:
         text = replace(text, "bench", speed())
         text = replace(text, "parity", parity())

@@ -299,3 +299,22 @@ def test_cli_verbose_and_show_routing(flash, tmp_path):
                      f"{192 * len(k)} image tokens saved ({256 * len(pv) - 192 * len(k)} of {256 * len(pv)})]"]
     assert Image.open(tmp_path / "map.png").size[0] > 224
     assert run("--flash", "64")[0].startswith(f"[router: image 1: {len(pv)} of {len(pv)} tiles compressed")
+
+
+def test_flash_benchmark_smoke(tmp_path):
+    """benchmarks/flash_bench.py --smoke runs every setting; the prompt lengths are the spec's arithmetic (60 text
+    tokens + <img></img> + 13 tiles of 256, of 64, or a mix) and every time is finite."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("flash_bench", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "flash_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--out", str(tmp_path), "--reps", "1", "--new-tokens", "3"])
+    res = json.loads((tmp_path / "flash_results.json").read_text())
+    rows, n = res["rows"], res["compressed_by_router"]
+    assert rows["256"]["prompt_tokens"] == 62 + 13 * 256 and rows["64"]["prompt_tokens"] == 62 + 13 * 64
+    assert rows["router"]["prompt_tokens"] == 62 + 13 * 256 - 192 * n
+    assert all(math.isfinite(r["ttft_s"]) and r["ttft_s"] > 0 for r in rows.values())
+    assert (tmp_path / "flash-routing.png").exists() and "| router |" in (tmp_path / "flash_results.md").read_text()

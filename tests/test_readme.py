@@ -12,6 +12,10 @@ def test_layout_block_is_current():
     assert readme.layout() in (ROOT / "README.md").read_text(), "run `python scripts/readme.py --layout`"
 
 
+def test_flash_block_quotes_the_benchmark():
+    assert readme.flash() in (ROOT / "README.md").read_text(), "run `python scripts/readme.py --layout`"
+
+
 def test_first_screen_has_run_and_test_commands():
     first_screen = "\n".join((ROOT / "README.md").read_text().splitlines()[:15])
     assert "make run" in first_screen and "make test" in first_screen
