@@ -602,10 +602,14 @@ def main(argv=None):
         bench.warm_page_cache(d)
     res = dict(sizes=dict(vars(z), ids=list(z.ids)), threads=torch.get_num_threads(),
                learned_tokens=int((sample(z, z.tiles, z.seq, 0)["labels"] != -100).sum()))
-    res["full"] = phase_full(ckpts, z, args.reps)
-    res["lora"] = phase_lora(ckpts, z, args.reps)
-    res["mpo"] = phase_mpo(ckpts, z, args.reps)
-    res["processes"] = phase_processes(orig, z, args.reps + 1, args.threads, args.smoke)
+    for name, phase in (("full", lambda: phase_full(ckpts, z, args.reps)),
+                        ("lora", lambda: phase_lora(ckpts, z, args.reps)),
+                        ("mpo", lambda: phase_mpo(ckpts, z, args.reps)),
+                        ("processes", lambda: phase_processes(orig, z, args.reps + 1, args.threads, args.smoke))):
+        t = time.perf_counter()
+        res[name] = phase()
+        print(f"[train-bench] {name} rows done in {time.perf_counter() - t:.0f} s "
+              f"({(time.perf_counter() - t0) / 60:.1f} min so far)", file=sys.stderr, flush=True)
     elapsed, (busy1, steal1) = time.perf_counter() - t0, bench.cpu_seconds()
     ours = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                for f in ("ru_utime", "ru_stime"))
