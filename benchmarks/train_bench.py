@@ -280,8 +280,8 @@ def measured(fn, opt, batches, state, **what) -> dict:
     return r
 
 
-def free(*objs) -> None:
-    del objs
+def release() -> None:
+    """After `del` of a phase's models and optimizers: collect them and return their memory to the system."""
     gc.collect()
     malloc_trim()
 
@@ -307,8 +307,8 @@ def phase_full(ckpts, z: Sizes, reps: int) -> dict:
                 set_checkpointing(impl, model, on)
                 runs.append(measured(objective, opt, batch, state_bytes(model, opt=opt), impl=impl, mode="full",
                                      ckpt=on, rep=rep))
-            free(model, objective, opt)
             del model, objective, opt
+            release()
     return dict(runs=runs, facts=facts)
 
 
@@ -337,8 +337,8 @@ def phase_lora(ckpts, z: Sizes, reps: int) -> dict:
         for impl, layout, batches in (variants if rep % 2 == 0 else variants[::-1]):
             packing.append(measured(models[impl][1], opts[impl], batches, state[impl], impl=impl, mode="lora",
                                     layout=layout, rep=rep))
-    free(models, opts)
     del models, opts
+    release()
     real, positions = tokens_of(padded)
     layout = dict(samples=z.n_short, sample_tokens=[len(x["input_ids"]) for x in short_samples(z)],
                   padded_batches=[list(b["input_ids"].shape) for b in padded],
@@ -368,8 +368,8 @@ def phase_mpo(ckpts, z: Sizes, reps: int) -> dict:
         state = state_bytes(model, *([reference] if reference is not None else []), opt=opt)
         for rep in range(reps):
             runs.append(measured(objective, opt, batch, state, impl="nanovl", mode=mode, objective="mpo", rep=rep))
-        free(model, reference, objective, opt)
         del model, reference, objective, opt
+        release()
     return dict(runs=runs, facts=facts)
 
 
