@@ -27,7 +27,7 @@ bench: setup-test  ## nanovl vs transformers at the real sizes, with the machine
 bench-smoke: setup-test  ## the same script on a tiny checkpoint, seconds (CI runs it in tests/test_bench_smoke.py)
 	$(PY) benchmarks/bench.py --smoke --cache /tmp/nanovl-bench-smoke --out /tmp/nanovl-bench-smoke/results.md
 
-train-bench: setup-test  ## nanovl's training step vs transformers + peft at InternVL3-1B size -> benchmarks/train_results.md (~35 min on 2 cores)
+train-bench: setup-test  ## nanovl's training step vs transformers + peft at InternVL3-1B size -> benchmarks/train_results.md (~20 min on 2 AMX cores, ~1 h without AMX)
 	$(PY) benchmarks/train_bench.py
 
 train-bench-smoke: setup-test  ## the same script and benchmarks/train_gpu.py on a tiny checkpoint, seconds (CI: tests/test_train_bench_smoke.py)
