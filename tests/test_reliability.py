@@ -119,6 +119,19 @@ def edit_header(change):
     return f
 
 
+def edit_named(name, change):
+    def f(d, tmp):
+        header, data = read_st(d / "model.safetensors")
+        change(header[name], len(data))
+        write_st(d / "model.safetensors", header, data)
+    return f
+
+
+def dtype_i32(t, size):
+    assert t["dtype"] == "F32"  # the same bytes, read as integers: loaded as is, they broke load_state_dict
+    t["dtype"] = "I32"
+
+
 def offsets_past_end(t, size):
     t["data_offsets"] = [t["data_offsets"][0], size + 10 ** 12]  # a 1 TB tensor
 
@@ -226,6 +239,10 @@ BAD = {
     "dtype whose size does not match the shape": ("bare", edit_header(dtype_f64), [],
                                                   "outside the file or of the wrong size", True),
     "header that is not JSON": ("bare", header_length(lambda size: 3), [], "corrupt safetensors header", True),
+    "a weight stored as integers (mapped ViT tensor)": ("bare", edit_named("vision_model.embeddings.position_embedding",
+                                                                         dtype_i32), [], "is stored as I32", True),
+    "a weight stored as integers (decoder tensor)": ("bare", edit_named("language_model.lm_head.weight", dtype_i32), [],
+                                                     "tensor language_model.lm_head.weight is stored as I32", True),
     # --- model.safetensors.index.json
     "index.json garbage": ("bare", index(None, text="this is { not JSON"), [],
                            "model.safetensors.index.json: not valid JSON", True),
