@@ -639,7 +639,7 @@ def qa(q="<image>\nWhat is it?", a="A red square.", **kw):
     return {**kw, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
 
 
-# name -> (the lines of train.jsonl (None: a good file), extra flags, phrase)
+# name -> (the lines of train.jsonl (None: one good sample), extra flags, phrase[, repeat_time of the meta file])
 TRAIN_BAD = {
     "sample not JSON": (["{oops"], [], "train.jsonl:1: not valid JSON"),
     "sample with a missing image": ([qa(image="nope.png")], [], "train.jsonl:1: image file not found"),
@@ -648,6 +648,13 @@ TRAIN_BAD = {
     "sample line 3 of 3": ([qa(image="a.png"), qa(image="a.png"), qa("<image> <image>", image="a.png")],
                            ["--max-steps", "3"],
                            "train.jsonl:3: 2 <image> placeholder(s) for 1"),
+    "empty JSONL": ([], [], "no samples: {data} hold(s) no lines"),
+    # a meta file: {"d": {"root", "annotation": train.jsonl, "repeat_time": ...}}, given with --meta {meta}
+    "repeat_time Infinity": (None, ["--meta", "{meta}"], "dataset 'd': repeat_time must be in (0, 1] or an integer, "
+                                                         "got inf", float("inf")),
+    "repeat_time NaN": (None, ["--meta", "{meta}"], "repeat_time must be in (0, 1] or an integer, got nan", float("nan")),
+    "repeat_time 10**9": (None, ["--meta", "{meta}"], "(1 lines, repeat_time 1000000000) is 1,000,000,000 samples, over "
+                                                      "the limit of 100,000,000", 10 ** 9),
     "--seed 2**40": (None, ["--seed", str(2 ** 40)], "--seed must be between 0 and 4294967295"),
     "--max-dynamic-patch 0": (None, ["--max-dynamic-patch", "0"], "--max-dynamic-patch must be >= 1, got 0"),
     "--max-dynamic-patch 10**6": (None, ["--max-dynamic-patch", "1000000"], "over the limit of 40"),
@@ -672,15 +679,21 @@ def test_training_command_refuses(case, base, tmp_path, capsys):
     exit 2 and no traceback."""
     from nanovl.train.cli import main
 
-    lines, extra, phrase = TRAIN_BAD[case]
-    data = write_data(tmp_path, lines or [qa(image="a.png")])
-    argv = ["--model", base["tok"], "--data", data, "--root", data.parent, "--output", tmp_path / "out",
-            "--max-steps", "1", "--quiet", "--freeze-backbone", "--freeze-llm", *[a.format(d=tmp_path) for a in extra]]
+    lines, extra, phrase, *repeat = TRAIN_BAD[case]
+    data = write_data(tmp_path, lines if lines is not None else [qa(image="a.png")])
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"d": {"root": str(data.parent), "annotation": str(data), "repeat_time": repeat[0]}})
+                    if repeat else "{}")
+    argv = ["--model", base["tok"], "--output", tmp_path / "out", "--max-steps", "1", "--quiet", "--freeze-backbone",
+            "--freeze-llm", *(["--data", data, "--root", data.parent] if not repeat else []),
+            *[a.format(d=tmp_path, meta=meta) for a in extra]]
     code, out, err = run_main(argv, capsys, main)
     line = one_line(code, err)
-    assert phrase in line, line
-    if lines is not None:  # the file is named with its full path
+    assert phrase.format(data=data) in line, line
+    if lines:  # a bad sample: the file with its full path, then the line
         assert f"error: {data}:" in line, line
+    if repeat:  # the meta file is named
+        assert line.startswith(f"error: {meta}: "), line
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
