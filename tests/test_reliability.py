@@ -609,7 +609,7 @@ def test_ctrl_c_exits_130(base, delay):
     """SIGINT while the imports run (0.3 s) or while the checkpoint loads and answers (2.5 s): status 130, no
     traceback. The process gets its SIGINT only after Python has started (its handler is then in place)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write('up\\n'); import runpy; "
+    p = subprocess.Popen([sys.executable, "-c", "import runpy, sys; sys.stderr.write('up\\n'); "
                           "sys.argv = ['nanovl.generate', *sys.argv[1:]]; "
                           "runpy.run_module('nanovl.generate', run_name='__main__', alter_sys=True)",
                           "--model", str(base["tok"]), "--chat", "--max-tokens", "100000"],
