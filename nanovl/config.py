@@ -36,7 +36,8 @@ def _pick(cls, d: dict, where: str):
     """Build dataclass `cls` from the keys of `d` it knows (other keys are ignored), each checked against its type;
     the raw dict is kept in `.raw` so that saving writes back every key nanovl did not read."""
     if not isinstance(d, dict):
-        raise NanovlError(f"config.json: {where} must be a JSON object, got {type(d).__name__}")
+        raise NanovlError(f"config.json: {where.rstrip('.') or 'the top level'} must be a JSON object, got "
+                          f"{type(d).__name__}")
     hints = typing.get_type_hints(cls)
     kw = {}
     for f in dataclasses.fields(cls):
@@ -162,8 +163,10 @@ class LLMConfig:
 
     def __post_init__(self):
         check_architecture({"architectures": self.architectures})
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        self.head_dim = self.head_dim or self.hidden_size // max(self.num_attention_heads, 1)
+        if self.num_key_value_heads is None:  # absent; a 0 is refused by check(), not replaced
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
 
     @property
     def arch(self) -> str:

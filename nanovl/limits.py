@@ -18,7 +18,9 @@ from nanovl.errors import NanovlError
 MAX_TILES = 40  # tiles per image: the largest grid the tiling searches (InternVL recipes train with up to 36)
 MAX_FRAMES = 256  # frames sampled from one video
 MAX_PROMPT_CHARS = 1_000_000  # characters of a prompt (system message, history, question), before tokenizing
-UNITS = {"MAX_TILES": "tiles", "MAX_FRAMES": "frames", "MAX_PROMPT_CHARS": "characters", "MAX_IMAGE_PIXELS": "pixels"}
+MAX_SAMPLES = 100_000_000  # training samples of one dataset of a meta file, after its repeat_time
+UNITS = {"MAX_TILES": "tiles", "MAX_FRAMES": "frames", "MAX_PROMPT_CHARS": "characters", "MAX_IMAGE_PIXELS": "pixels",
+         "MAX_SAMPLES": "samples"}
 
 if os.environ.get("NANOVL_MAX_IMAGE_PIXELS", "").isdigit():  # PIL's own check then stops at the same number
     Image.MAX_IMAGE_PIXELS = int(os.environ["NANOVL_MAX_IMAGE_PIXELS"])

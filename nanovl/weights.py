@@ -369,7 +369,7 @@ def read_into(path: Path, fmt: str, cfg: InternVLConfig, shapes: dict, dtype, de
             [len(range(*rows.indices(n))) if isinstance(rows, slice) else len(rows), *shapes[key][1:]]
 
     for file in checkpoint_files(path):
-        for ck, (_, shape, _, _) in safetensors_header(file).items():
+        for ck, (stored, shape, _, _) in safetensors_header(file).items():
             name = canonical(ck)
             if peft_name(ck)[1]:  # a LoRA A or B: merged after loading (merge_adapters)
                 continue
@@ -380,6 +380,9 @@ def read_into(path: Path, fmt: str, cfg: InternVLConfig, shapes: dict, dtype, de
                 found[name] = file
                 if shape != expected(name):
                     bad_shape.append(f"{name}: checkpoint {tuple(shape)}, config.json says {tuple(expected(name))}")
+                if stored in STORED_DTYPES and not STORED_DTYPES[stored].is_floating_point:  # every weight is a float
+                    raise NanovlError(f"{file}: tensor {ck} is stored as {stored}, but it is a weight of floating "
+                                      "point numbers (F32, F16, BF16): the file is corrupt or not this model's")
             elif strict and not ((m := vit_block.match(ck)) and int(m[1]) >= len(built)):  # a block after select_layer
                 unexpected.append(ck)
     missing = [ck for ck in table if ck not in found]

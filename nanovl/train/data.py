@@ -11,6 +11,7 @@ with skip_bad=True returns {"bad": {"file:line": reason}} for it, which collate(
 """
 import io
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nanovl import limits
 from nanovl.errors import NanovlError
 from nanovl.preprocess import dynamic_preprocess, open_image, read_frames, to_tensor
 from nanovl.template import IGNORE, IMG_CONTEXT, IMG_END, TEMPLATES, tokenize_conversation
@@ -59,13 +61,15 @@ def read_meta(meta, data_augment: bool = False) -> list[Source]:
         if not annotation.is_absolute() and where != "meta" and not annotation.exists():
             annotation = Path(where).parent / annotation  # relative to the meta file, when not to the cwd
         r = d.get("repeat_time", 1)
-        if not isinstance(r, (int, float)) or r <= 0 or (r > 1 and r != int(r)):
+        if not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0 or (r > 1 and r != int(r)):
             raise NanovlError(f"{where}: dataset {name!r}: repeat_time must be in (0, 1] or an integer, got {r!r}")
         try:
             text = annotation.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise NanovlError(f"{where}: dataset {name!r}: cannot read {annotation}: {e}") from None
         lines = [(k + 1, line) for k, line in enumerate(text.split("\n")) if line.strip()]
+        limits.within("MAX_SAMPLES", len(lines) * int(max(r, 1)), f"{where}: dataset {name!r} ({len(lines):,} lines, "
+                      f"repeat_time {r})", "use a smaller repeat_time")
         lines = lines[:int(len(lines) * r)] if r < 1 else lines * int(r)
         tiles = d.get("max_dynamic_patch")
         if tiles is not None and (not isinstance(tiles, int) or tiles < 1):
@@ -208,6 +212,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise NanovlError(f"need 1 <= min_num_frame <= max_num_frame, got {min_num_frame} and {max_num_frame}")
         self.sources = read_meta(meta, data_augment)
         self.index = [(s, line, text) for s in self.sources for line, text in s.lines]
+        if not self.index:  # an epoch of no samples never ends
+            raise NanovlError(f"no samples: {', '.join(str(s.annotation) for s in self.sources)} hold(s) no lines")
         self.tokenizer, self.template, self.max_seq_length = tokenizer, template, max_seq_length
         self.dynamic_image_size, self.use_thumbnail = dynamic_image_size, use_thumbnail
         self.min_dynamic_patch, self.max_dynamic_patch = min_dynamic_patch, max_dynamic_patch
