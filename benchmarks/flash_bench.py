@@ -2,7 +2,7 @@
 12-tile image (4 x 3 grid + thumbnail = 13 tiles) at InternVL3.5-1B-Flash size (random weights, bf16, CPU), plus the
 README's routing picture.
 
-    python benchmarks/flash_bench.py            # -> benchmarks/flash_results.md/.json, docs/flash-routing.png (~5 min)
+    python benchmarks/flash_bench.py            # -> benchmarks/flash_results.md/.json, docs/flash-routing.png (~10 min)
     python benchmarks/flash_bench.py --smoke --out /tmp/flash   # the same code paths on a tiny model, seconds
 
 Three settings of the same model, measured alternately in one process (median of --reps):
@@ -95,11 +95,11 @@ def run(model, ids, pv, new_tokens: int) -> tuple[float, float]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="a tiny model: checks the code paths in seconds")
-    p.add_argument("--reps", type=int, default=None, help="repetitions of each setting (default 3, smoke 1)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions of each setting (default 2, smoke 1)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded for the decode rate")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/, picture in docs/)")
     args = p.parse_args(argv)
-    reps = args.reps or (1 if args.smoke else 3)
+    reps = args.reps or (1 if args.smoke else 2)
     out = Path(args.out) if args.out else ROOT / "benchmarks"
     pic = (Path(args.out) if args.out else ROOT / "docs") / "flash-routing.png"
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def main(argv=None):
     tiles = preprocess.dynamic_preprocess(image, 1, 12, cfg.image_size, use_thumbnail=True)
     pv = torch.stack([preprocess.to_tensor(t, cfg.image_size) for t in tiles]).to(torch.bfloat16)  # (13, 3, S, S)
     ids = prompt(len(pv), cfg.llm_config.vocab_size, cfg.num_image_token)
-    scores, compressed = model.route(pv)
+    scores, compressed = model.route(pv)  # also the warm-up: the ViT's first pass
     router.tile_map(tiles, 4, 3, compressed.tolist()).save(pic)
     settings = {"router": None, "256": None, "64": 64}
     tokens = {name: 0 for name in settings}
@@ -125,7 +125,6 @@ def main(argv=None):
     def use(name):
         model.config.flash_mode, model.flash_force = name != "256", settings[name]
 
-    run(model, ids, pv, 2)  # warm-up
     for r in range(reps):  # alternating, so that drift in the machine's speed hits every setting alike
         for name in settings:
             use(name)
