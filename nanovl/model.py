@@ -134,12 +134,15 @@ class InternVL(nn.Module):
         if self.img_context_token_id is None:
             raise NanovlError("img_context_token_id is not set: load a checkpoint with tokenizer files or set it")
         if isinstance(vit_embeds, (list, tuple)):
+            given = f"{len(vit_embeds)} tiles of {' + '.join(str(len(t)) for t in vit_embeds)}"
             vit_embeds = torch.cat(list(vit_embeds))  # (sum of the tiles' tokens, D)
+        else:
+            given = f"{len(vit_embeds)} tiles x {vit_embeds.shape[1]}"
         slots = input_ids == self.img_context_token_id  # (B, T)
         tokens = vit_embeds.numel() // vit_embeds.shape[-1]
         if int(slots.sum()) != tokens:
             raise NanovlError(f"the prompt has {int(slots.sum())} <IMG_CONTEXT> tokens but the images give "
-                              f"{tokens} image tokens")
+                              f"{given} = {tokens}")
         return x.masked_scatter(slots[..., None], vit_embeds.to(x.dtype))  # batch-major, image by image
 
     def positions(self, input_ids, attention_mask=None, generator=None) -> torch.Tensor:
