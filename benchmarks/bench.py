@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 ASSETS = ROOT.parent / "shared" / "assets" / "configs"
 CACHE_VERSION = "1"  # bump when the written checkpoints change
+LLAMACPP_MODEL = "InternVL3-1B"  # llama.cpp is measured on this one (its converter takes the Qwen2 checkpoint as is)
 NEW_TOKENS = 128
 
 # name -> where its config comes from, <img>/</img>/<IMG_CONTEXT> ids, repetitions in the full run
@@ -402,8 +403,27 @@ def measure(args) -> dict:
                                    arch=cfg["llm_config"]["architectures"][0])
         if "nanovl-int8" in args.variants:
             out["models"][name]["int8_drift"] = run_worker(["drift", "--ckpt", str(orig), *common])
+        if name == LLAMACPP_MODEL:
+            out["models"][name]["llamacpp"] = llamacpp_column(args, orig, runs, reps, out["limits_before"]["threads"])
     out["limits_after"] = out["limits_before"] if args.smoke else run_worker(["limits"])
     return out
+
+
+def llamacpp_column(args, orig: Path, runs: list, reps: int, threads: int) -> dict:
+    """llama.cpp on the same weights, prompt length, tiles and threads (benchmarks/llamacpp.py), or why not."""
+    if args.smoke or not args.llamacpp:
+        return {"missing": "not run (--smoke)" if args.smoke else "not run (--no-llamacpp)"}
+    import llamacpp
+
+    prompt = next(r["prompt_tokens"] for r in runs if r["impl"] == "nanovl")
+    print(f"[bench] llama.cpp: fetch, build, convert (once, into {Path(args.cache) / 'llamacpp'}), measure ...",
+          file=sys.stderr, flush=True)
+    try:
+        res = llamacpp.llamacpp(orig, Path(args.cache) / "llamacpp", threads, prompt, args.new_tokens, reps)
+    except Exception as e:  # an optional column never costs the run: say why it is empty
+        res = {"missing": f"{type(e).__name__}: {llamacpp.first_line(str(e))}"}
+    print(f"[bench] llama.cpp: {res.get('missing') or 'measured'}", file=sys.stderr, flush=True)
+    return res
 
 
 def machine() -> dict:
@@ -420,6 +440,46 @@ def machine() -> dict:
     return dict(cpu=cpu, cores=os.cpu_count(), ram_gib=mem / 2 ** 30, python=platform.python_version(),
                 torch=torch.__version__, transformers=hf_version, nanovl=git.stdout.strip() or "?",
                 capability=torch.backends.cpu.get_cpu_capability(), date=time.strftime("%Y-%m-%d %H:%M %Z"))
+
+
+def llamacpp_section(name: str, mres: dict, args, gemv_bf16: float) -> tuple[list, list]:
+    """The side-by-side table with llama.cpp (bf16 vs its BF16 GGUF, the int8 opt-in vs its Q8_0), and its targets;
+    or one line saying why llama.cpp is missing."""
+    lc = mres["llamacpp"]
+    lines = [f"## {name}: nanovl beside llama.cpp (CPU, bf16 and int8)", ""]
+    if "missing" in lc:
+        return lines + [f"llama.cpp was not measured: {lc['missing']}.", ""], []
+    med = lambda impl, key: statistics.median(r[key] for r in mres["runs"] if r["impl"] == impl  # noqa: E731
+                                              and r["dtype"] == "bf16") if any(
+        r["impl"] == impl and r["dtype"] == "bf16" for r in mres["runs"]) else float("nan")
+    bf, q8, v1, v7 = lc["bf16"], lc["q8_0"], lc["vision1"], lc["vision7"]
+    rows = [("decode after the prompt, bf16 vs BF16 GGUF (tok/s)", med("nanovl", "decode_tps"), bf["decode_tps"]),
+            ("decode after the prompt, int8 opt-in vs Q8_0 GGUF (tok/s)", med("nanovl-int8", "decode_tps"),
+             q8["decode_tps"]),
+            (f"prefill, {lc['prompt']} tokens, bf16 vs BF16 (tok/s)", med("nanovl", "prefill_tps"), bf["prefill_tps"]),
+            ("vision + projector, 1 tile (s/tile)", med("nanovl", "vision1_s"), v1["s_per_tile"]),
+            (f"vision + projector, {v7['tiles']} tiles (s/tile)", med("nanovl", "vision7_s_per_tile"), v7["s_per_tile"]),
+            (f"time to first token, {v7['tiles']} tiles (s)", med("nanovl", "ttft7_s"), v7["ttft_s"])]
+    lines += [f"llama.cpp ({lc['version']}) from the `{lc['package']}` source package, built with cmake (Release, "
+              f"`GGML_NATIVE=ON`), {lc['threads']} threads as nanovl; the same random weights converted by its "
+              f"`convert_hf_to_gguf.py` (`benchmarks/llamacpp.py`). Decode and prefill: `llama-bench` (`-p "
+              f"{lc['prompt']}`; `-n {args.new_tokens} -d {lc['prompt']}`, i.e. decoding after as many tokens as "
+              f"nanovl's prompt), mean of {len(bf['decode_samples'])} repetitions. Vision and time to first token: "
+              f"`llama-mtmd-cli` on a noise image of 1 and {v7['tiles']} tiles (its own tiling: 448x448 px and "
+              f"1344x896 px + overview), \"mtmd batch encoding done\" plus \"prompt eval time\" "
+              f"({v7['prompt_tokens']} prompt tokens), median of {len(v7['runs'])}.", "",
+              "| | nanovl | llama.cpp | nanovl / llama.cpp |", "|---|---|---|---|"]
+    lines += [f"| {label} | {a:.3g} | {b:.3g} | {a / b:.2f}x |" for label, a, b in rows]
+    lines += [f"- llama.cpp {key.upper()}: {r['note']}" for key, r in (("bf16", bf), ("q8_0", q8)) if r.get("note")]
+    lines.append("")
+    targets = [(f"{name} bf16: decode >= llama.cpp BF16", rows[0][1] >= rows[0][2], f"{rows[0][1] / rows[0][2]:.2f}x",
+                f"nanovl reads {rows[0][1] * mres['facts']['bf16']['decode_bytes'] / 1e9:.1f} GB/s of weights while "
+                f"decoding; torch's bf16 GEMV (`torch.mv`) alone reaches {gemv_bf16:.1f} GB/s on this machine, "
+                f"llama.cpp {rows[0][2] * mres['facts']['bf16']['decode_bytes'] / 1e9:.1f} GB/s with its own kernels"),
+               (f"{name} int8: decode >= llama.cpp Q8_0", rows[1][1] >= rows[1][2], f"{rows[1][1] / rows[1][2]:.2f}x",
+                "nanovl's int8 decode is ATen's weight-only `_weight_int8pack_mm` (int8 weights, bf16 activations); "
+                "Q8_0 also quantizes the activations and multiplies in int8 (AVX512-VNNI)")]
+    return lines, targets
 
 
 def report(res: dict, args) -> str:
@@ -543,6 +603,10 @@ def report(res: dict, args) -> str:
                  f"= {med('nanovl', 'base_rss_bytes') / f['weight_bytes']:.2f}x; the rest is the {args.tiles}-tile "
                  f"ViT's activations"),
             ]
+        if "llamacpp" in mres:
+            more, more_targets = llamacpp_section(name, mres, args, best("gemv_gbs", "mv_bfloat16"))
+            lines += more
+            targets += more_targets
     lines += ["## Targets", ""]
     for what, ok, value, cause in targets:
         lines.append(f"- {'met' if ok else '**not met**'}: {what}: {value}" + ("" if ok else f". Measured cause: {cause}."))
@@ -561,6 +625,8 @@ def main(argv=None):
     p.add_argument("--tiles", type=int, default=7)
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     p.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"])
+    p.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",
+                   help="skip llama.cpp (otherwise fetched, built and converted once, about 15 minutes on 2 cores)")
     p.add_argument("--cache", default=str(ROOT / "benchmarks" / "cache"), help="where checkpoints are written once")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.md"))
     args = p.parse_args(argv)

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tiles", type=int, default=None, help="tiles per image (default: config max_dynamic_patch)")
     p.add_argument("--no-thumbnail", action="store_true", help="no global thumbnail tile")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA and on CPUs with native bf16 (avx512_bf16 or amx_bf16), fp32 on other CPUs")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (opt-in)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only language-model linears (opt-in; not the ViT)")
@@ -193,7 +193,7 @@ def chat_loop(model, args, pixel_values, patches, prefix):
 
 def run(args):
     device = check_options(args)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype] if args.dtype else nanovl.default_dtype(device)
     model = nanovl.load(args.model, dtype=dtype, device=device, adapters=args.adapters)
     if args.int8:
         from nanovl.quantize import quantize_int8

@@ -128,6 +128,10 @@ class Attention(nn.Module):
         if isinstance(mask, list):  # packed samples, one row: causal attention inside each (flash_attn_varlen_func)
             y = torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=gqa)
                            for qkv in zip(q.split(mask, 2), k.split(mask, 2), v.split(mask, 2))], dim=2)
+        elif T == 1 and gqa:  # decode: the query heads that share a kv head become the rows of one plain SDPA
+            g = self.n_head // self.n_kv  # (on CPU, SDPA's GQA path for one query is many times slower)
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g, self.hd), k, v, attn_mask=mask)  # (B, n_kv, g, hd)
+            y = y.reshape(B, self.n_head, 1, self.hd)  # query head h = kv head h // g, as enable_gqa pairs them
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=gqa)  # (B, nh, T, hd)

@@ -7,6 +7,18 @@ from torch.utils.checkpoint import checkpoint
 from nanovl.config import VisionConfig
 from nanovl.llm import RMSNorm
 
+FUSED_CPU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, lin: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """lin(x), then the exact GELU if asked. CPU bf16 inference: one oneDNN call with the bias and the GELU applied to
+    the GEMM's fp32 accumulator, no separate passes over the output (F.linear copies the bias into it first)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled() and FUSED_CPU:
+        return torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+    y = F.linear(x, lin.weight, lin.bias)
+    return F.gelu(y) if gelu else y
+
 
 def make_norm(cfg: VisionConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.layer_norm_eps) if cfg.norm_type == "layer_norm" else RMSNorm(dim, cfg.layer_norm_eps)
@@ -48,12 +60,12 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)  # 3 x (B, N, C)
+        q, k, v = linear(x, self.qkv).split(C, dim=-1)  # 3 x (B, N, C)
         if self.qk_normalization:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(B, N, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, N, hd)
         y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, no mask
-        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+        return linear(y.transpose(1, 2).reshape(B, N, C), self.proj)  # CPU: SDPA's output is (B, N, nh, hd) already
 
 
 class VisionMLP(nn.Module):
@@ -63,7 +75,7 @@ class VisionMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+        return linear(linear(x, self.fc1, gelu=True), self.fc2)  # exact (erf) GELU
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -86,6 +98,9 @@ class VisionLayer(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x):
+        if not self.training:  # x + branch * layer scale in one pass
+            x = torch.addcmul(x, self.attn(self.norm1(x).to(x.dtype)), self.ls1)
+            return torch.addcmul(x, self.mlp(self.norm2(x).to(x.dtype)), self.ls2)
         x = x + drop_path(self.attn(self.norm1(x).to(x.dtype)) * self.ls1, self.drop_path_rate, self.training)
         return x + drop_path(self.mlp(self.norm2(x).to(x.dtype)) * self.ls2, self.drop_path_rate, self.training)
 

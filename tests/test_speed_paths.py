@@ -4,6 +4,8 @@ benchmarks/bench.py.
 - the decode GEMV (nanovl.llm.Linear sends a single row through torch.mv) == F.linear;
 - the fixed-shape decode step over the whole static cache (LanguageModel.decode_step_static, what compile=True
   compiles) == the default decode, eager and compiled;
+- the ViT's inference path (CPU bf16: bias and GELU fused into oneDNN's GEMM, layer scale and residual in one op)
+  == its training-mode path (F.linear, F.gelu, x + branch * ls), to bf16 rounding;
 - int8 weight-only language model (opt-in, nanovl.quantize): its logit drift against bf16 is bounded and printed.
 """
 import pytest
@@ -93,6 +95,22 @@ def test_compiled_decode_matches_eager(model):
     again = m.generate(ids[:, :-2], pv, max_new_tokens=10, compile=True)
     assert torch.equal(again, m.generate(ids[:, :-2], pv, max_new_tokens=10))
     assert m.language_model.compiled_decode is compiled_fn  # torch.compile ran once, not per call
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_inference_path_matches_training_path(model, dtype):
+    m, _ = model("qwen2", dtype)
+    vit = m.vision_model
+    x = torch.randn(2, 3, vit.cfg.image_size, vit.cfg.image_size, dtype=dtype)
+    with torch.inference_mode():
+        fast = vit(x).float()
+    vit.train()  # the other path, with grad enabled: no fused ops (drop path is 0 in this checkpoint)
+    try:
+        ref = vit(x).detach().float()
+    finally:
+        vit.eval()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+    torch.testing.assert_close(fast, ref, **tol)
 
 
 def test_int8_linear_is_the_dequantized_linear():
