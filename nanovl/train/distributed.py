@@ -54,6 +54,7 @@ class Context:
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()  # gloo: a process that tears down while another still talks to it can abort (SIGABRT)
             dist.destroy_process_group()
 
     # -- state for checkpoints: always full tensors under nanovl's parameter names, so any number of processes
