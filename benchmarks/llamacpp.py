@@ -17,6 +17,7 @@ Everything lands in benchmarks/cache/llamacpp/ (git-ignored) and is reused by th
 """
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -46,7 +47,10 @@ def first_line(text: str, default: str = "?") -> str:
 def run(cmd: list, what: str, cwd=None, log: Path | None = None) -> subprocess.CompletedProcess:
     """Run cmd; on failure raise Missing('<what>: <first error line>'). The full output goes to log when given."""
     try:
-        out = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True)
+        exe, env = Path(str(cmd[0])), dict(os.environ)
+        if (exe.parent / "libllama.so").exists():  # llama.cpp's own programs: find their libraries in a moved build
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(exe.parent), env.get("LD_LIBRARY_PATH")]))
+        out = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, env=env)
     except FileNotFoundError:
         raise Missing(f"{Path(str(cmd[0])).name} not found") from None
     if log is not None:
