@@ -577,6 +577,7 @@ def report(res: dict, args) -> str:
             lines.append("")
             dec, share = ratio("decode_tps"), med("nanovl", "vision7_s_per_tile") * args.tiles / med("nanovl", "ttft7_s")
             rss = med("nanovl", "peak_rss_bytes") / f["weight_bytes"]
+            aim = 0.75 if dtype == "bf16" else 0.9  # vision and time to first token vs transformers (issue 14: bf16)
             targets += [
                 (f"{name} {dtype}: decode >= 1.5x transformers", dec >= 1.5, f"{dec:.2f}x",
                  f"transformers already reads {gbs['hf']:.1f} GB/s, {gbs['hf'] / gemv:.0%} of what `torch.mv` alone "
@@ -585,13 +586,14 @@ def report(res: dict, args) -> str:
                  f"{gbs['nanovl'] / bw:.0%}", f"the decode's kernel, `torch.mv` over {dtype} weights, reaches "
                  f"{gemv / bw:.0%} of the roofline by itself; nanovl decodes at {gbs['nanovl'] / gemv:.0%} of that "
                  f"kernel, the rest is the other per-token work (attention over the cache, norms, RoPE, Python)"),
-                (f"{name} {dtype}: vision s/tile (1 and {args.tiles} tiles) <= 0.9x transformers",
-                 max(ratio("vision1_s"), ratio("vision7_s_per_tile")) <= 0.9,
+                (f"{name} {dtype}: vision s/tile (1 and {args.tiles} tiles) <= {aim}x transformers",
+                 max(ratio("vision1_s"), ratio("vision7_s_per_tile")) <= aim,
                  f"{ratio('vision1_s'):.2f}x, {ratio('vision7_s_per_tile'):.2f}x",
-                 f"both spend the ViT in the same oneDNN GEMMs and SDPA kernel ({vit['nanovl'] / peak:.0%} vs "
-                 f"{vit['hf'] / peak:.0%} of the measured matmul peak)"),
-                (f"{name} {dtype}: time to first token ({args.tiles} tiles) <= 0.9x transformers",
-                 ratio("ttft7_s") <= 0.9, f"{ratio('ttft7_s'):.2f}x",
+                 f"both run the ViT's GEMMs and attention in the same oneDNN and SDPA kernels (nanovl "
+                 f"{vit['nanovl'] / peak:.0%}, transformers {vit['hf'] / peak:.0%} of the measured matmul peak); "
+                 f"nanovl only fuses the bias, GELU and residual passes around them"),
+                (f"{name} {dtype}: time to first token ({args.tiles} tiles) <= {aim}x transformers",
+                 ratio("ttft7_s") <= aim, f"{ratio('ttft7_s'):.2f}x",
                  f"the vision encoder is {share:.0%} of it (see vision), the prefill runs the same GEMMs "
                  f"({ratio('prefill_tps'):.2f}x transformers' tokens/s)"),
                 (f"{name} {dtype}: load <= 0.5x transformers", ratio("load_s") <= 0.5, f"{ratio('load_s'):.2f}x",
