@@ -185,23 +185,22 @@ class MasterAdamW:
     def step(self, max_grad_norm: float) -> float:
         """Clip by the global norm of all gradients (computed in fp32, as torch's clip_grad_norm_), then AdamW a
         chunk at a time. Returns the norm before clipping."""
-        grads = []
+        grads = []  # each parameter's gradient, taken off the tensors so that AdamW sees only one chunk's at a time
         for p, m in zip(self.params, self.masters):
             if m is not p and p.grad is not None and m.grad is not None:  # earlier micro-batches + the last one
                 m.grad.add_(p.grad)
-                p.grad = None
             grads.append(m.grad if m.grad is not None else p.grad)  # fp32, or the bf16 gradient of one micro-batch
+            p.grad = m.grad = None
         live = [i for i, g in enumerate(grads) if g is not None]
         norms = [torch.linalg.vector_norm(grads[i], dtype=torch.float32) for i in live]
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded (FSDP): the global norm
         coef = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0) if max_grad_norm > 0 else None
-        del grads, norms
+        del norms
         for chunk in self.chunks(live):
             for i in chunk:
-                p, m = self.params[i], self.masters[i]
-                if m.grad is None:  # one micro-batch: its bf16 gradient, now in fp32
-                    m.grad, p.grad = p.grad.float(), None
+                m = self.masters[i]
+                m.grad, grads[i] = grads[i].float(), None  # bf16 -> fp32 is exact; fp32 stays the same tensor
                 if coef is not None:
                     m.grad.mul_(coef)
             self.opt.step()  # AdamW moves only the masters that hold a gradient: this chunk
