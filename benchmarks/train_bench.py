@@ -187,20 +187,30 @@ def set_checkpointing(impl: str, model, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def optimizer(model):
-    """The trainer's AdamW over fp32 masters of the trainable parameters (for transformers' model too)."""
+def optimizer(model, impl: str = "nanovl"):
+    """The trainer's AdamW over fp32 masters of the trainable parameters; for transformers' model with the
+    gradient layout of DeepSpeed's bf16 mode (`Fp32GradBuffers`)."""
     from nanovl.train.trainer import MasterAdamW
-    return MasterAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], LR, WD)
+
+    class Fp32GradBuffers(MasterAdamW):
+        """The same AdamW, but each micro-batch's gradients go into fp32 buffers right after its backward, as
+        DeepSpeed's bf16 optimizer (the original recipe's) does; nanovl keeps the last one in bf16 until the step."""
+        fp32_buffers = True
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return (MasterAdamW if impl == "nanovl" else Fp32GradBuffers)(named, LR, WD)
 
 
 def train_step(objective, opt, micro_batches: list, sync=lambda: None) -> dict:
-    """One optimizer step as trainer.finetune runs it: for each micro-batch the objective, backward of
-    loss / accumulation, the gradients into the fp32 masters; then clip at 1.0 and AdamW."""
+    """One optimizer step as trainer.finetune runs it: for each micro-batch the objective, the earlier gradients
+    into the fp32 masters, backward of loss / accumulation; then clip at 1.0 and AdamW."""
     t0, losses = time.perf_counter(), []
     for batch in micro_batches:
         loss, _, _ = objective(batch)
-        (loss / len(micro_batches)).backward()
         opt.accumulate()
+        (loss / len(micro_batches)).backward()
+        if getattr(opt, "fp32_buffers", False):
+            opt.accumulate()
         losses.append(loss.item())
     sync()
     t1 = time.perf_counter()
@@ -300,7 +310,7 @@ def phase_full(ckpts, z: Sizes, reps: int) -> dict:
         for impl in (["nanovl", "hf"] if rep % 2 == 0 else ["hf", "nanovl"]):
             model, objective = nanovl_model(ckpts[impl], z, "full") if impl == "nanovl" else \
                 hf_model(ckpts[impl], "full")
-            opt = optimizer(model)
+            opt = optimizer(model, impl)
             warm = train_step(objective, opt, batch)
             facts.setdefault(impl, dict(trainable=trainable(model), first_loss=warm["loss"]))
             for on in ([True, False] if rep % 2 == 0 else [False, True]):
@@ -319,7 +329,7 @@ def phase_lora(ckpts, z: Sizes, reps: int) -> dict:
     batch = [collate([sample(z, z.tiles, z.seq, 0)])]
     padded, packed = padded_and_packed(z)
     models = {"nanovl": nanovl_model(ckpts["nanovl"], z, "lora"), "hf": hf_model(ckpts["hf"], "lora")}
-    opts = {impl: optimizer(m) for impl, (m, _) in models.items()}
+    opts = {impl: optimizer(m, impl) for impl, (m, _) in models.items()}
     facts = {impl: dict(trainable=trainable(m), first_loss=train_step(o, opts[impl], batch)["loss"],
                         adapter_dtype=str(next(p.dtype for n, p in m.named_parameters() if "lora_" in n)))
              for impl, (m, o) in models.items()}
@@ -469,11 +479,12 @@ def report(res: dict, args) -> str:
         f"{z['num_image_token']} <IMG_CONTEXT>, </img>, a question, a learned answer of "
         f"{res['learned_tokens']} tokens), bf16 weights, fp32 pixels; frozen ViT; lr {LR}, weight decay {WD}, "
         f"clipping 1.0.",
-        "- a step: what `nanovl.train` runs per optimizer step (objective, backward, gradients into fp32 masters, "
-        "clip, AdamW over the fp32 masters: `trainer.MasterAdamW`). transformers: "
+        "- a step: what `nanovl.train` runs per optimizer step (objective, backward, clip, AdamW over fp32 masters "
+        "of the trainable parameters: `trainer.MasterAdamW`, which keeps a single micro-batch's gradients in bf16 "
+        "and converts them a chunk at a time in the step). transformers: "
         "`InternVLForConditionalGeneration.from_pretrained(dir, dtype=bfloat16, attn_implementation=\"sdpa\")`, its "
-        "own loss (`labels=`), the same fp32-master AdamW, so that the difference is the model's forward and "
-        "backward; LoRA through peft's `inject_adapter_in_model` (r16, alpha 32, dropout 0.05 on "
+        "own loss (`labels=`), the same AdamW over fp32 masters with the gradients copied into fp32 buffers after "
+        "each backward, as DeepSpeed's bf16 mode (the original recipe's) does; LoRA through peft's `inject_adapter_in_model` (r16, alpha 32, dropout 0.05 on "
         "q/k/v/o/gate/up/down, the adapters in bf16 like nanovl's). Checkpointing (transformers: "
         "`gradient_checkpointing_enable(use_reentrant=False)`) is on unless a row says off, as the original's "
         "default. Every timed step follows a warm-up step; nanovl and transformers alternate within one process; "

@@ -137,7 +137,7 @@ def run(args) -> dict:
             t = time.perf_counter()
             model, objective = tb.nanovl_model(orig, z, mode, device=device) if impl == "nanovl" else \
                 tb.hf_model(hf, mode, device=device)
-            opt = tb.optimizer(model)
+            opt = tb.optimizer(model, impl)
             for on in (True, False):
                 tb.set_checkpointing(impl, model, on)
                 for kind, batch in data.items():

@@ -267,27 +267,35 @@ def test_schedule_matches_transformers():
         sched.step()
 
 
-def test_master_weights_in_bf16():
-    """bf16 training: AdamW on fp32 masters; gradients of several micro-batches accumulate in fp32; the bf16
-    parameter is the rounded master. Equal to torch's AdamW on an fp32 copy fed the same gradients."""
+def test_master_weights_in_bf16(monkeypatch):
+    """bf16 training: AdamW on fp32 masters; gradients of several micro-batches accumulate in fp32 (accumulate()
+    before each backward), a single micro-batch's bf16 gradients are used as they are, the update runs a chunk of
+    parameters at a time, and the bf16 parameter is the rounded master. Equal to torch's AdamW and
+    clip_grad_norm_ on fp32 copies fed the same gradients."""
     from nanovl.train.trainer import MasterAdamW
 
+    monkeypatch.setattr(MasterAdamW, "CHUNK", 40)  # groups of parameters [0, 1], [2] (alone: bigger than a chunk)
     torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(6, 5).to(torch.bfloat16))
-    ref = torch.nn.Parameter(p.detach().float().clone())
-    opt, ref_opt = MasterAdamW([("w", p)], lr=0.1, weight_decay=0.05), torch.optim.AdamW([ref], lr=0.1,
-                                                                                      weight_decay=0.05)
-    for _ in range(3):
-        g1, g2 = torch.randn(6, 5).to(torch.bfloat16), torch.randn(6, 5).to(torch.bfloat16)
-        for g in (g1, g2):
-            p.grad = g.clone()
+    ps = [torch.nn.Parameter(torch.randn(*shape).to(torch.bfloat16)) for shape in ((6, 5), (9,), (7, 8))]
+    refs = [torch.nn.Parameter(p.detach().float().clone()) for p in ps]
+    opt = MasterAdamW([(f"w{i}", p) for i, p in enumerate(ps)], lr=0.1, weight_decay=0.05)
+    ref_opt = torch.optim.AdamW(refs, lr=0.1, weight_decay=0.05)
+    assert list(opt.chunks([0, 1, 2])) == [[0, 1], [2]]
+    for micro_batches in (2, 1, 3, 1):
+        gs = [[torch.randn(p.shape).to(torch.bfloat16) * 3 for p in ps] for _ in range(micro_batches)]
+        for g in gs:
             opt.accumulate()
+            for p, gi in zip(ps, g):  # what backward does: into .grad
+                p.grad = gi.clone()
+        assert micro_batches > 1 or all(m.grad is None for m in opt.masters)  # nothing copied to fp32 yet
         norm = opt.step(max_grad_norm=1.0)
-        ref.grad = g1.float() + g2.float()
-        assert norm == pytest.approx(float(ref.grad.norm()), rel=1e-6)
-        torch.nn.utils.clip_grad_norm_([ref], 1.0)
+        for j, r in enumerate(refs):
+            r.grad = sum(g[j].float() for g in gs)
+        assert norm == pytest.approx(float(torch.nn.utils.clip_grad_norm_(refs, 1.0)), rel=1e-6)
         ref_opt.step()
-        assert torch.equal(opt.masters[0], ref.detach()) and torch.equal(p.detach(), ref.detach().to(torch.bfloat16))
+        for p, m, r in zip(ps, opt.masters, refs):
+            torch.testing.assert_close(m.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+            assert torch.equal(p.detach(), m.detach().to(torch.bfloat16)) and p.grad is None and m.grad is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,8 +154,17 @@ def configure(model, args: TrainArgs) -> list:
 
 class MasterAdamW:
     """AdamW (betas 0.9/0.999, eps 1e-8, weight decay on every trainable parameter, as the original's DeepSpeed
-    config) over fp32 master copies of the trainable parameters: bf16 gradients are accumulated into fp32, the
-    step updates the masters and the model receives them rounded. fp32 parameters are their own masters."""
+    config) over fp32 master copies of the trainable parameters; the model receives the updated masters rounded.
+    fp32 parameters are their own masters.
+
+    Gradients in fp32 without an fp32 copy of every gradient: `accumulate()`, called before each backward after the
+    first, adds the bf16 gradients of the micro-batch before into fp32 (so several micro-batches sum in fp32, as
+    DeepSpeed's buffers do); the last micro-batch's bf16 gradients stay where they are until `step()`, which
+    converts them a chunk of parameters at a time (exactly: bf16 -> fp32 is lossless) and updates that chunk. With
+    one micro-batch per step nothing full-size is allocated beyond the bf16 gradients: 2 bytes a trainable
+    parameter instead of DeepSpeed's 4 (+2 while copying)."""
+
+    CHUNK = 1 << 26  # parameters per update (256 MiB of fp32): torch's foreach AdamW allocates temporaries this big
 
     def __init__(self, named_params: list, lr: float, weight_decay: float):
         self.names = [n for n, _ in named_params]
@@ -166,7 +175,7 @@ class MasterAdamW:
                                      foreach=True)  # the multi-tensor kernel: same numbers, twice as fast on CPU
 
     def accumulate(self) -> None:
-        """After each backward: move the gradients into the fp32 masters."""
+        """Before a micro-batch's backward (a no-op before the first): the gradients so far into the fp32 masters."""
         for p, m in zip(self.params, self.masters):
             if m is not p and p.grad is not None:
                 m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
@@ -174,14 +183,45 @@ class MasterAdamW:
 
     @torch.no_grad()
     def step(self, max_grad_norm: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.masters, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded (FSDP): the global norm
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        """Clip by the global norm of all gradients (computed in fp32, as torch's clip_grad_norm_), then AdamW a
+        chunk at a time. Returns the norm before clipping."""
+        grads = []  # each parameter's gradient, taken off the tensors so that AdamW sees only one chunk's at a time
         for p, m in zip(self.params, self.masters):
-            if m is not p:
-                p.copy_(m)
+            if m is not p and p.grad is not None and m.grad is not None:  # earlier micro-batches + the last one
+                m.grad.add_(p.grad)
+            grads.append(m.grad if m.grad is not None else p.grad)  # fp32, or the bf16 gradient of one micro-batch
+            p.grad = m.grad = None
+        live = [i for i, g in enumerate(grads) if g is not None]
+        norms = [torch.linalg.vector_norm(grads[i], dtype=torch.float32) for i in live]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded (FSDP): the global norm
+        coef = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0) if max_grad_norm > 0 else None
+        del norms
+        for chunk in self.chunks(live):
+            for i in chunk:
+                m = self.masters[i]
+                m.grad, grads[i] = grads[i].float(), None  # bf16 -> fp32 is exact; fp32 stays the same tensor
+                if coef is not None:
+                    m.grad.mul_(coef)
+            self.opt.step()  # AdamW moves only the masters that hold a gradient: this chunk
+            for i in chunk:
+                p, m = self.params[i], self.masters[i]
+                m.grad = None
+                if m is not p:
+                    p.copy_(m)
         return float(norm)
+
+    def chunks(self, indices: list):
+        """The parameters in order, in groups of at most CHUNK elements (a bigger parameter alone)."""
+        chunk, size = [], 0
+        for i in indices:
+            if chunk and size + self.masters[i].numel() > self.CHUNK:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(i)
+            size += self.masters[i].numel()
+        if chunk:
+            yield chunk
 
     def named(self, sd: dict) -> dict:
         """torch's optimizer state (parameters by index) -> by parameter name, as FSDP's full state dict has it."""
@@ -356,10 +396,10 @@ def finetune(args: TrainArgs) -> Path:
                 batch = dict(last, labels=torch.full_like(last["labels"], -100))
             last = batch
             loss, learned, logged = objective(batch)
+            opt.accumulate()  # the earlier micro-batches' gradients into fp32 before this backward adds to them
             (loss / args.gradient_accumulation_steps).backward()
             for k, v in logged.items():
                 extra.setdefault(k, []).append(v)
-            opt.accumulate()
             if learned:
                 losses.append(loss.item())
             n_tokens += int(batch["attention_mask"].sum()) if learned else 0
