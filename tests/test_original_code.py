@@ -1,7 +1,9 @@
 """Training samples against the original code itself: OpenGVLab/InternVL's own preprocess functions
 (`internvl_chat/internvl/train/dataset.py`: preprocess_internvl2_5, preprocess_mpt for Hermes-2, preprocess_internlm,
 preprocess_phi3) run on the same conversations, with the real tokenizers, must give nanovl's input_ids and labels,
-id for id.
+id for id, for supervised samples and MPO pairs; and the original's PackedDataset
+(`internvl_chat/internvl/train/dataset_packed.py`), fed the same samples, must give nanovl's packed rows and loss
+weights.
 
 The original code is not part of nanovl and is not copied here: this test imports it from a clone of
 https://github.com/OpenGVLab/InternVL named by NANOVL_INTERNVL_CODE, and skips without one (CI cannot reach GitHub;
@@ -10,11 +12,13 @@ its oracle is tests/test_labels.py, worked examples written from the same code):
     git clone https://github.com/OpenGVLab/InternVL /tmp/InternVL
     NANOVL_INTERNVL_CODE=/tmp/InternVL python -m pytest tests/test_original_code.py
 
-Only the preprocess functions run. The modules dataset.py imports for reading images and videos (cv2, imageio,
-decord, torchvision, petrel_client) are replaced by empty stand-ins, since those functions never use them.
-The tokenizers are transformers' (this project tests with transformers 5, whose tokenizers give the ids of the slow
-ones the original loads with use_fast=False on these files; test_tokenizer.py checks that on its own), with the
-original's own `add_tokens` call and `model_max_length = max_seq_length`, as internvl_chat_finetune.py sets them.
+Only those functions and classes run. The modules dataset.py imports for reading images and videos (cv2, imageio,
+decord, torchvision, petrel_client) are replaced by empty stand-ins, since they never use them. The original loads the
+slow transformers 4.x tokenizers (use_fast=False); the stand-ins for them here give the same ids (test_tokenizer.py
+checks each on its own): transformers' Qwen2Tokenizer from vocab.json + merges.txt, InternLM2's tokenizers form
+(InternLM2Tokenizer is remote code) with its BOS, and for Phi-3 test_tokenizer.SlowLlama, a port of the slow
+LlamaTokenizer (transformers 5's Llama tokenizer puts no "▁" before a leading added token, the slow one does). Each
+gets the original's own `add_tokens` call and `model_max_length = max_seq_length`, as internvl_chat_finetune.py does.
 Where nanovl departs from the original on purpose (README "Where nanovl differs"), the sample is left out here.
 """
 import copy
@@ -33,6 +37,7 @@ from PIL import Image
 import fixtures as fx
 from nanovl.tokenizer import Tokenizer
 from nanovl.train import SupervisedDataset
+from nanovl.train.mpo import PreferenceDataset
 from test_tokenizer import SlowLlama
 
 CODE = os.environ.get("NANOVL_INTERNVL_CODE")
@@ -86,16 +91,17 @@ def original():
 def hf_tokenizer(name, max_seq_length):
     """The tokenizer as the original's training script holds it (transformers, test-only)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    d = Path(tempfile.mkdtemp(prefix=f"orig-tok-{name}-"))
-    fx.copy_tokenizer(fx.TOKENIZERS / FOLDERS[name], d)
-    if name == "phi3":  # the slow LlamaTokenizer (legacy=False) the original loads; transformers 5 has none
-        return SlowTokenizer(d, max_seq_length)
-    if name == "internlm2":  # InternLM2Tokenizer is remote code: its tokenizers form, with the slow one's settings
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
-                                      unk_token="<unk>", pad_token="</s>")
-        tok.add_bos_token = True
-    else:
-        tok = AutoTokenizer.from_pretrained(d, add_eos_token=False)
+    with tempfile.TemporaryDirectory(prefix=f"orig-tok-{name}-") as tmp:
+        d = Path(tmp)
+        fx.copy_tokenizer(fx.TOKENIZERS / FOLDERS[name], d)
+        if name == "phi3":  # the slow LlamaTokenizer (legacy=False) the original loads; transformers 5 has none
+            return SlowTokenizer(d, max_seq_length)
+        if name == "internlm2":  # InternLM2Tokenizer is remote code: its tokenizers form, with the slow one's settings
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), bos_token="<s>",
+                                          eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+            tok.add_bos_token = True
+        else:
+            tok = AutoTokenizer.from_pretrained(d, add_eos_token=False)
     tok.model_max_length = max_seq_length
     tok.add_tokens(ADDED, special_tokens=True)
     return tok
@@ -122,8 +128,9 @@ class SlowTokenizer:
         return types.SimpleNamespace(input_ids=ids[0] if isinstance(text, str) else ids)
 
 
-def nanovl_item(tmp_path, name, template, sample, max_seq_length, images=(), frames=0):
-    """nanovl's SupervisedDataset item for one JSONL sample (images: (file, width, height); frames: a video folder)."""
+def nanovl_item(tmp_path, name, template, sample, max_seq_length, images=(), frames=0, dataset=SupervisedDataset):
+    """nanovl's item for one JSONL sample (SupervisedDataset or PreferenceDataset; images: (file, width, height);
+    frames: a video given as a folder of that many frames)."""
     root = tmp_path / "root"
     root.mkdir(exist_ok=True)
     for file, w, h in images:
@@ -138,9 +145,9 @@ def nanovl_item(tmp_path, name, template, sample, max_seq_length, images=(), fra
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir(exist_ok=True)
     fx.copy_tokenizer(fx.TOKENIZERS / FOLDERS[name], tok_dir)
-    ds = SupervisedDataset(meta, Tokenizer(tok_dir), template=template, max_seq_length=max_seq_length,
-                           max_dynamic_patch=MAX_PATCH, min_num_frame=frames or 8, max_num_frame=frames or 32,
-                           num_image_token=NIT, seed=0)
+    ds = dataset(meta, Tokenizer(tok_dir), template=template, max_seq_length=max_seq_length,
+                 max_dynamic_patch=MAX_PATCH, min_num_frame=frames or 8, max_num_frame=frames or 32,
+                 num_image_token=NIT, seed=0)
     return ds[0]
 
 
@@ -206,3 +213,115 @@ def test_labels_equal_the_original_preprocess(original, tmp_path, template, name
     assert item["input_ids"].tolist() == want_ids
     assert item["labels"].tolist() == want_labels
     assert item["position_ids"].tolist() == list(range(len(want_ids)))
+
+
+@pytest.mark.parametrize("template,name", PAIRS, ids=[f"{t}-{n}" for t, n in PAIRS])
+def test_preference_pairs_equal_the_original(original, tmp_path, template, name):
+    """internvl_chat_mpo.py's multi_modal_get_item: the question with the chosen answer, then with the rejected one,
+    each through the template's preprocess function (group_by_length=True), the image's tiles shared."""
+    sample = {"image": "a.png", "question": "<image>\nHow many red squares?", "chosen": "There is one red square.",
+              "rejected": "There are three."}
+    item = nanovl_item(tmp_path, name, template, sample, 8192, [("a.png", 896, 448)], dataset=PreferenceDataset)
+    assert item["pixel_values"].shape[0] == 3
+    tok = hf_tokenizer(name, 8192)
+    for answer in ("chosen", "rejected"):
+        turns = [{"from": "human", "value": sample["question"]}, {"from": "gpt", "value": sample[answer]}]
+        ret = getattr(original, FUNCTIONS[template])(template, [turns], tok, [NIT * 3], group_by_length=True,
+                                                     ds_name="d")
+        assert item[f"{answer}_input_ids"].tolist() == ret["input_ids"][0].tolist()
+        assert item[f"{answer}_labels"].tolist() == ret["labels"][0].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ packed sequences
+
+@pytest.fixture(scope="module")
+def original_packed(original):
+    return importlib.import_module("internvl.train.dataset_packed")
+
+
+class Stream:
+    """What the original's PackedDataset reads: an iterable dataset with the attributes it sets and checks."""
+
+    def __init__(self, samples, max_num_images, max_tokens):
+        self.samples, self.ds_name, self.dataset_type = samples, "d", "pair"
+        self.max_num_images, self.max_tokens = max_num_images, max_tokens
+
+    def __iter__(self):
+        return iter(copy.deepcopy(self.samples))
+
+    def load_state_dict(self, state):
+        pass
+
+
+def synthetic_samples(tok, n, seed, tiles_per_image=(1,), max_len=60, text_only=0.0):
+    """n samples as SupervisedDataset gives them: random text ids around image blocks (<img> + NIT <IMG_CONTEXT> a
+    tile + </img>), the answer's ids learned; a pure-text sample carries one dummy tile (image_flags 0)."""
+    g = torch.Generator().manual_seed(seed)
+    img, ctx, end = (tok.token_to_id(t) for t in ("<img>", "<IMG_CONTEXT>", "</img>"))
+    out = []
+    for k in range(n):
+        text = lambda m: torch.randint(100, 5000, (m,), generator=g).tolist()  # noqa: E731
+        ids, tiles = text(int(torch.randint(2, 8, (1,), generator=g))), 0
+        pure = float(torch.rand(1, generator=g)) < text_only
+        for _ in range(0 if pure else int(torch.randint(1, 3, (1,), generator=g))):
+            t = tiles_per_image[int(torch.randint(len(tiles_per_image), (1,), generator=g))]
+            ids += [img] + [ctx] * (NIT * t) + [end] + text(int(torch.randint(1, 6, (1,), generator=g)))
+            tiles += t
+        prompt = len(ids)
+        ids += text(int(torch.randint(3, max_len, (1,), generator=g)))
+        labels = [-100] * prompt + ids[prompt:]
+        n_tiles = max(tiles, 1)
+        out.append(dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), position_ids=torch.arange(len(ids)),
+                        pixel_values=torch.arange(n_tiles, dtype=torch.float32)[:, None] + 100 * k,
+                        image_flags=torch.full((n_tiles,), 0 if pure else 1)))
+    return out
+
+
+PACKING = [  # (id, Packer options, sample options): no cut first (any tiles, pure text), then cuts (1 tile an image:
+    # the original's split_buffer asserts one tile per image block, see the README)
+    ("fill by tiles", dict(max_packed_tokens=400, num_images_expected=6, max_buffer_size=4, strict_mode=True,
+                           allow_overflow=False), dict(tiles_per_image=(1, 2, 3), text_only=0.2)),
+    ("fill by tokens, not strict", dict(max_packed_tokens=160, num_images_expected=12, max_buffer_size=3,
+                                        strict_mode=False, allow_overflow=False), dict(tiles_per_image=(1, 2))),
+    ("overflow", dict(max_packed_tokens=160, num_images_expected=8, max_buffer_size=4, strict_mode=True,
+                      allow_overflow=True), dict(tiles_per_image=(1,), max_len=100)),
+    ("cuts", dict(max_packed_tokens=64, num_images_expected=8, max_buffer_size=4, strict_mode=True,
+                  allow_overflow=False), dict(tiles_per_image=(1,), max_len=120)),
+]
+
+
+@pytest.mark.parametrize("opts,sample_opts", [p[1:] for p in PACKING], ids=[p[0] for p in PACKING])
+def test_packed_rows_equal_the_original(original_packed, tmp_path, opts, sample_opts):
+    from nanovl.train.loss import token_weights
+    from nanovl.train.packing import Packer
+    fx.copy_tokenizer(fx.TOKENIZERS / FOLDERS["qwen2.5"], tmp_path)
+    tok = Tokenizer(tmp_path)
+    samples = synthetic_samples(tok, 40, seed=len(str(opts)), **sample_opts)
+
+    packer = Packer(tok, num_image_token=NIT, **opts)
+    mine = [row for s in copy.deepcopy(samples) for row in packer.add(s)] + packer.flush()
+    ref = original_packed.PackedDataset(
+        hf_tokenizer("qwen2.5", 8192), data_rank=0, data_world_size=1,
+        datasets=[Stream(samples, opts["num_images_expected"], opts["max_packed_tokens"])],
+        num_images_expected=opts["num_images_expected"], max_packed_tokens=opts["max_packed_tokens"],
+        max_buffer_size=opts["max_buffer_size"], strict_mode=opts["strict_mode"],
+        allow_overflow=opts["allow_overflow"], replacement=False)
+    theirs = list(ref)
+
+    assert len(mine) > 3 and len(mine) == len(theirs)
+    for a, b in zip(mine, theirs):
+        for key in ("input_ids", "labels", "position_ids", "pixel_values", "image_flags"):
+            assert torch.equal(a[key], b[key]), key
+        assert torch.equal(a["segment_ids"], b["data_index"])  # which packed sample each token belongs to
+        # the loss weights of each packed sample (get_cu_seqlens_and_indexes with len2weight, whose three lines in
+        # internvl_chat_finetune.py are restated in `len2weight` below), zero where not learned as packed_collate_fn
+        for reduction in ("token", "sample", "square"):
+            _, _, weight = original_packed.PackedDataset.get_cu_seqlens_and_indexes(
+                b["data_index"], b["input_ids"], b["labels"], lambda x: len2weight(x, reduction))
+            want = torch.where(b["labels"] == -100, 0, weight)
+            assert torch.allclose(token_weights(a["labels"][None], reduction, a["segment_ids"][None])[0], want)
+
+
+def len2weight(x, loss_reduction):
+    """internvl_chat_finetune.py's len2weight: 0 for a sample with nothing learned, else 1, 1/x or 1/sqrt(x)."""
+    return x if x == 0 else {"token": 1, "sample": 1 / x, "square": 1 / x ** 0.5}[loss_reduction]
