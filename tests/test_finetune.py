@@ -274,13 +274,14 @@ def test_master_weights_in_bf16(monkeypatch):
     clip_grad_norm_ on fp32 copies fed the same gradients."""
     from nanovl.train.trainer import MasterAdamW
 
-    monkeypatch.setattr(MasterAdamW, "CHUNK", 40)  # groups of parameters [0, 1], [2] (alone: bigger than a chunk)
+    monkeypatch.setattr(MasterAdamW, "CHUNK", 40)  # groups of parameters [0, 1], [2] (alone and last: bigger than a
+    # chunk)
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(*shape).to(torch.bfloat16)) for shape in ((6, 5), (9,), (7, 8))]
     refs = [torch.nn.Parameter(p.detach().float().clone()) for p in ps]
     opt = MasterAdamW([(f"w{i}", p) for i, p in enumerate(ps)], lr=0.1, weight_decay=0.05)
     ref_opt = torch.optim.AdamW(refs, lr=0.1, weight_decay=0.05)
-    assert list(opt.chunks([0, 1, 2])) == [[0, 1], [2]]
+    assert list(opt.chunks([0, 1, 2])) == [[0, 1], [2]] and list(opt.chunks([2, 0, 1])) == [[0, 1], [2]]
     for micro_batches in (2, 1, 3, 1):
         gs = [[torch.randn(p.shape).to(torch.bfloat16) * 3 for p in ps] for _ in range(micro_batches)]
         for g in gs:

@@ -164,7 +164,7 @@ class MasterAdamW:
     one micro-batch per step nothing full-size is allocated beyond the bf16 gradients: 2 bytes a trainable
     parameter instead of DeepSpeed's 4 (+2 while copying)."""
 
-    CHUNK = 1 << 26  # parameters per update (256 MiB of fp32): torch's foreach AdamW allocates temporaries this big
+    CHUNK = 1 << 24  # parameters per update: at most 64 MiB of fp32 gradients exist at once (a bigger one alone)
 
     def __init__(self, named_params: list, lr: float, weight_decay: float):
         self.names = [n for n, _ in named_params]
@@ -172,7 +172,7 @@ class MasterAdamW:
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_()
                         for p in self.params]
         self.opt = torch.optim.AdamW(self.masters, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                                     foreach=True)  # the multi-tensor kernel: same numbers, twice as fast on CPU
+                                     fused=True)  # one in-place kernel: no temporaries, 5x the foreach speed on CPU
 
     def accumulate(self) -> None:
         """Before a micro-batch's backward (a no-op before the first): the gradients so far into the fp32 masters."""
@@ -192,7 +192,7 @@ class MasterAdamW:
             grads.append(m.grad if m.grad is not None else p.grad)  # fp32, or the bf16 gradient of one micro-batch
             p.grad = m.grad = None
         live = [i for i, g in enumerate(grads) if g is not None]
-        norms = [torch.linalg.vector_norm(grads[i], dtype=torch.float32) for i in live]
+        norms = [self.norm(grads[i]) for i in live]
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded (FSDP): the global norm
         coef = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0) if max_grad_norm > 0 else None
@@ -211,10 +211,20 @@ class MasterAdamW:
                     p.copy_(m)
         return float(norm)
 
+    def norm(self, g: torch.Tensor) -> torch.Tensor:
+        """The fp32 2-norm of one gradient; a bf16 one a CHUNK of elements at a time, since vector_norm(dtype=fp32)
+        makes an fp32 copy of its whole input (544 MB for a 151k-token embedding's gradient)."""
+        if g.dtype == torch.float32 or hasattr(g, "full_tensor"):  # fp32, or sharded (FSDP: fp32)
+            return torch.linalg.vector_norm(g, dtype=torch.float32)
+        parts = [torch.linalg.vector_norm(part, dtype=torch.float32) for part in g.reshape(-1).split(self.CHUNK)]
+        return torch.linalg.vector_norm(torch.stack(parts))
+
     def chunks(self, indices: list):
-        """The parameters in order, in groups of at most CHUNK elements (a bigger parameter alone)."""
+        """The parameters in order, in groups of at most CHUNK elements; a bigger parameter (the embedding, the head)
+        alone and after the rest, when most bf16 gradients are already freed (a lower peak, the same update)."""
+        big = [i for i in indices if self.masters[i].numel() > self.CHUNK]
         chunk, size = [], 0
-        for i in indices:
+        for i in [i for i in indices if i not in big]:
             if chunk and size + self.masters[i].numel() > self.CHUNK:
                 yield chunk
                 chunk, size = [], 0
@@ -222,6 +232,7 @@ class MasterAdamW:
             size += self.masters[i].numel()
         if chunk:
             yield chunk
+        yield from ([i] for i in big)
 
     def named(self, sd: dict) -> dict:
         """torch's optimizer state (parameters by index) -> by parameter name, as FSDP's full state dict has it."""
