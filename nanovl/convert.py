@@ -16,14 +16,16 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from nanovl.errors import NanovlError, ctrl_c_exits
 
-from nanovl.errors import NanovlError
-from nanovl.template import IMG_CONTEXT, IMG_END, IMG_START
-from nanovl.weights import (COPIED_FILES, HF_OLD_PREFIXES, checkpoint_files, parts, peft_name, read_config, rename,
-                            resolve, safetensors_header)
+with ctrl_c_exits(active=__name__ == "__main__"):  # python -m nanovl.convert: Ctrl-C while torch imports
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nanovl.template import IMG_CONTEXT, IMG_END, IMG_START
+    from nanovl.weights import (COPIED_FILES, HF_OLD_PREFIXES, checkpoint_files, parts, peft_name, read_config,
+                                rename, resolve, safetensors_header)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the chat template transformers' converter gives every -hf InternVL (the internvl2_5 turn format)

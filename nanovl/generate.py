@@ -1,8 +1,8 @@
 """python -m nanovl.generate: the documented name of the command line (nanovl/cli.py)."""
-try:
+from nanovl.errors import ctrl_c_exits
+
+with ctrl_c_exits():
     from nanovl.cli import main
-except KeyboardInterrupt:  # Ctrl-C while torch is imported: no traceback
-    raise SystemExit(130) from None
 
 if __name__ == "__main__":
     main()

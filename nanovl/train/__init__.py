@@ -6,12 +6,18 @@ Imports nanovl; nanovl never imports it.
     loss = compute_loss(model, collate([ds[0], ds[1]]), loss_reduction="token")
     finetune(TrainArgs(model="OpenGVLab/InternVL3-1B", meta="meta.json", output="out/"))   # python -m nanovl.train
 """
-from nanovl.train.data import BadSample, SupervisedDataset, collate
-from nanovl.train.lora import add_lora, lora_state_dict, merge_lora, merge_lora_state
-from nanovl.train.loss import compute_loss, token_weights
-from nanovl.train.mpo import PreferenceDataset, RunningMean, collate_pairs, mpo_loss
-from nanovl.train.trainer import TrainArgs, finetune
+import importlib
 
-__all__ = ["SupervisedDataset", "collate", "compute_loss", "token_weights", "BadSample", "TrainArgs", "finetune",
-           "PreferenceDataset", "collate_pairs", "mpo_loss", "RunningMean",
-           "add_lora", "merge_lora", "lora_state_dict"]
+# name -> module; imported on first use, so that `python -m nanovl.train` can answer Ctrl-C while torch imports
+LAZY = {"SupervisedDataset": "data", "collate": "data", "BadSample": "data",
+        "add_lora": "lora", "merge_lora": "lora", "lora_state_dict": "lora", "merge_lora_state": "lora",
+        "compute_loss": "loss", "token_weights": "loss",
+        "PreferenceDataset": "mpo", "RunningMean": "mpo", "collate_pairs": "mpo", "mpo_loss": "mpo",
+        "TrainArgs": "trainer", "finetune": "trainer"}
+__all__ = list(LAZY)
+
+
+def __getattr__(name):
+    if name in LAZY:
+        return getattr(importlib.import_module("nanovl.train." + LAZY[name]), name)
+    raise AttributeError(f"module 'nanovl.train' has no attribute {name!r}")

@@ -1,4 +1,7 @@
 """python -m nanovl.train: supervised fine-tuning (nanovl/train/cli.py)."""
-from nanovl.train.cli import main
+from nanovl.errors import ctrl_c_exits
+
+with ctrl_c_exits():
+    from nanovl.train.cli import main
 
 main()
